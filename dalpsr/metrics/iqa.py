@@ -263,6 +263,13 @@ class NIQEMetric(PyIQAMetric):
         super().__init__(name, pyiqa_name, options, device, hub, label, fmt)
         self.options['params_source'] = source
 
+    def score(self, sr: torch.Tensor, gt: Optional[torch.Tensor] = None) -> List[float]:
+        crop = int(self.options.get('crop_border', 0) or 0)
+        h, w = sr.shape[-2] - 2 * crop, sr.shape[-1] - 2 * crop
+        if min(h, w) < 96:  # NIQE's patch size: a smaller image has no patch to score
+            raise IQAError(f'image {w}x{h} (after crop) is smaller than the 96x96 NIQE patch')
+        return super().score(sr, gt)
+
 
 @METRIC_REGISTRY.register()
 class CLIPIMetric(IQAMetric):
