@@ -74,7 +74,8 @@ METRIC_SPECS: Dict[str, Dict[str, Any]] = OrderedDict([
     ('lpips', dict(type='PyIQAMetric', pyiqa_name='lpips', label='LPIPS', fmt='.4f', defaults={})),
     ('dists', dict(type='PyIQAMetric', pyiqa_name='dists', label='DISTS', fmt='.4f', defaults={})),
     ('fid', dict(type='FIDMetric', pyiqa_name='fid', label='FID', fmt='.2f', lower_better=True,
-                 defaults={'mode': 'clean', 'batch_size': 8, 'num_workers': 0})),
+                 defaults={'dims': 2048, 'backbone': 'inceptionv3', 'mode': 'clean', 'batch_size': 8,
+                           'num_workers': 0})),
     ('niqe', dict(type='NIQEMetric', pyiqa_name='niqe', label='NIQE', fmt='.4f', defaults={})),
     ('musiq', dict(type='PyIQAMetric', pyiqa_name='musiq', label='MUSIQ', fmt='.2f', defaults={})),
     ('maniqa', dict(type='PyIQAMetric', pyiqa_name='maniqa-pipal', label='MANIQA', fmt='.4f', defaults={})),
@@ -203,6 +204,22 @@ def _pyiqa_defaults(pyiqa_name: str) -> Dict[str, Any]:
     return dict(DEFAULT_CONFIGS[pyiqa_name])
 
 
+def _arch_defaults(arch_type: str) -> Dict[str, Any]:
+    """Keyword defaults of a pyiqa arch constructor (recorded so summary.json lists every option)."""
+    import inspect
+    import pyiqa.archs
+    from pyiqa.archs import ARCH_REGISTRY as PYIQA_ARCHS
+    try:
+        if arch_type not in PYIQA_ARCHS:  # pyiqa 0.1.16 imports arch modules lazily
+            pyiqa.archs._lazy_import_arch(arch_type)
+        sig = inspect.signature(PYIQA_ARCHS.get(arch_type).__init__)
+    except Exception:  # noqa: BLE001 - recording is best effort
+        return {}
+    return {k: p.default for k, p in sig.parameters.items()
+            if k != 'self' and p.default is not inspect.Parameter.empty
+            and isinstance(p.default, (bool, int, float, str, type(None), list, tuple))}
+
+
 @METRIC_REGISTRY.register()
 class PyIQAMetric(IQAMetric):
     """A pyiqa metric built offline from the weights folder (see dalpsr.metrics.weights)."""
@@ -219,7 +236,7 @@ class PyIQAMetric(IQAMetric):
         self.hub = hub or resolve_weights_dir()
         self.device = torch.device(device)
         user = dict(options or {})
-        self.options = {**cfg['metric_opts'], **user}
+        self.options = {**_arch_defaults(cfg['metric_opts']['type']), **cfg['metric_opts'], **user}
         files = required_files(pyiqa_name, self.options, self.hub)
         self.weight_files = [f.path for f in files]
         check_files(name, files, self.hub)
@@ -316,7 +333,7 @@ class FIDMetric(IQAMetric):
         opts = dict(options or {})
         self.call_kwargs = {k: opts.pop(k) for k in list(opts) if k in self.CALL_KEYS}
         cfg = _pyiqa_defaults(pyiqa_name)
-        self.options = {**cfg['metric_opts'], **opts, **self.call_kwargs}
+        self.options = {**_arch_defaults('FID'), **cfg['metric_opts'], **opts, **self.call_kwargs}
         files = required_files(pyiqa_name, self.options, self.hub)
         self.weight_files = [f.path for f in files]
         check_files(name, files, self.hub)
