@@ -169,3 +169,37 @@ def test_clipiqa_with_random_rn50_file(tmp_path, sample_paths):
     assert all(0.0 <= v <= 1.0 for v in vals['clipiqa'])
     single = [ms.compute(imgs[i:i + 1])['clipiqa'] for i in range(3)]
     np.testing.assert_allclose(vals['clipiqa'], single, rtol=1e-4, atol=1e-6)
+
+
+def test_brisque_with_svm_file(tmp_path, sample_paths):
+    hub = tmp_path / 'w'
+    (hub / 'pyiqa').mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    torch.save((torch.randn(20, generator=g).double(), torch.rand(20, 36, generator=g).double()),
+               hub / 'pyiqa' / 'brisque_svm_weights.pth')
+    ms = MetricSet(['brisque'], weights_dir=str(hub))
+    assert not ms.failed, ms.failed
+    imgs = torch.cat([_t(i) for i in _imgs(sample_paths, size=(64, 80))])
+    vals, errors = ms.score_batch(imgs)
+    assert errors == [[], [], []] and len(set(round(v, 6) for v in vals['brisque'])) == 3
+    np.testing.assert_allclose(vals['brisque'], [ms.compute(imgs[i:i + 1])['brisque'] for i in range(3)],
+                               rtol=1e-5)
+
+
+def test_maniqa_pipal_builds_from_its_checkpoint_alone(tmp_path):
+    """MANIQA's ViT backbone is created without fetching timm's ImageNet weights (the PIPAL
+    checkpoint, loaded strictly, replaces all of them), so the one pyiqa file is enough."""
+    import pyiqa.archs.maniqa_arch as maniqa_arch
+    from dalpsr.metrics.weights import offline_weights
+    hub = tmp_path / 'w'
+    (hub / 'pyiqa').mkdir(parents=True)
+    with offline_weights(hub):
+        state = maniqa_arch.MANIQA(pretrained=False).state_dict()
+    torch.save(_compact(state, ('fc_score', 'fc_weight')), hub / 'pyiqa' / 'MANIQA_PIPAL-ae6d356b.pth')
+    del state
+    ms = MetricSet(['maniqa'], weights_dir=str(hub))
+    assert not ms.failed, ms.failed
+    net = ms.metrics['maniqa'].net.net
+    assert float(net.vit.patch_embed.proj.weight.abs().sum()) == 0.0  # the checkpoint, not timm's init
+    assert ms.describe()['maniqa']['options']['train_dataset'] == 'pipal'
+    assert maniqa_arch.timm.__class__.__name__ == 'module'  # the stand-in is removed after building
