@@ -125,6 +125,12 @@ def test_clip_i_with_local_checkpoint(tmp_path, sample_paths):
     assert ms.compute(imgs[0], torch.nn.functional.interpolate(imgs[0], scale_factor=2))['clip_i'] > diff
     info = ms.describe()['clip_i']
     assert info['options']['checkpoint'] == str(ckpt) and info['options']['quick_gelu'] is False
+    # OpenAI's original checkpoints are TorchScript archives: same weights, same scores
+    jit = tmp_path / 'tiny_clip_jit.pt'
+    torch.jit.trace(_JitHolder(model.eval()), torch.ones(1)).save(str(jit))
+    ms_jit = MetricSet(['clip_i'], weights_dir=str(tmp_path / 'w'), clip_i={**opts, 'pretrained': str(jit)})
+    assert not ms_jit.failed, ms_jit.failed
+    assert ms_jit.compute(imgs[0], imgs[1])['clip_i'] == pytest.approx(diff, abs=1e-6)
     # a missing checkpoint or an unknown tag fails alone, in one line
     bad = MetricSet(['psnr', 'clip_i'], weights_dir=str(tmp_path / 'w'),
                     clip_i={'model': 'ViT-B-32', 'pretrained': 'laion2b_s34b_b79k'})

@@ -86,6 +86,15 @@ def resolve_clip_checkpoint(model: str, pretrained: Optional[str], hub: Path) ->
                               "(see docs/metrics.md)")
 
 
+def is_torchscript(path: Optional[str]) -> bool:
+    """True for a TorchScript archive (OpenAI's original CLIP ``.pt`` files are)."""
+    import zipfile
+    if not path or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith('/constants.pkl') or '/code/' in n for n in z.namelist())
+
+
 class CLIPImageSimilarity(torch.nn.Module):
     """Image-image CLIP cosine similarity. ``forward(sr, gt)``: (B, 3, H, W) in [0, 1] each
     (sizes may differ between sr and gt) -> (B,) similarities in [-1, 1]."""
@@ -106,6 +115,10 @@ class CLIPImageSimilarity(torch.nn.Module):
         if quick_gelu is None:
             quick_gelu = bool(tag_cfg.get('quick_gelu', False))
         kwargs: Dict[str, Any] = {'force_quick_gelu': bool(quick_gelu)}
+        if is_torchscript(found['path']):
+            # torch.load refuses TorchScript with weights_only=True; it then goes through
+            # torch.jit.load (TorchScript, not arbitrary pickled objects)
+            kwargs['weights_only'] = False
         for src, dst in (('mean', 'image_mean'), ('std', 'image_std'),
                          ('interpolation', 'image_interpolation'), ('resize_mode', 'image_resize_mode')):
             if tag_cfg.get(src) is not None:
