@@ -2,7 +2,6 @@
 temporary weights folder: the same lookup, pyiqa construction and scoring path as with the
 published checkpoints (values are meaningless, the plumbing is not)."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from dalpsr.metrics.pairing import DEFAULT_STRIP_SUFFIXES, Pair, list_images, pair_folders
-from dalpsr.metrics.weights import (ENV_WEIGHTS, MissingWeightsError, WeightFile, check_files,
+from dalpsr.metrics.weights import (MissingWeightsError, WeightFile, check_files,
                                     niqe_params_file, offline_weights, required_files,
                                     resolve_weights_dir)
 from dalpsr.utils.registry import METRIC_REGISTRY
@@ -678,7 +678,9 @@ def _evaluate(sr_dir, gt_dir, metrics, out, name, device, weights_dir, strip_suf
               batch_size, resume, progress, metric_set, metric_opts, logger,
               append_jsonl, atomic_path, atomic_write_json, atomic_write_text) -> Dict[str, Any]:
     from tqdm import tqdm
-    strip = [s for s in (strip_suffixes or []) if s and str(s).lower() != 'none']
+    if isinstance(strip_suffixes, str):
+        strip_suffixes = strip_suffixes.replace(',', ' ').split()
+    strip = [str(s) for s in (strip_suffixes or []) if s and str(s).lower() != 'none']
     logger.info(f'IQA: sr={sr_dir} gt={gt_dir} out={out}')
     ms = metric_set or MetricSet(metrics, device=device, weights_dir=weights_dir, logger=logger, **metric_opts)
     if gt_dir is None:
@@ -722,13 +724,19 @@ def _evaluate(sr_dir, gt_dir, metrics, out, name, device, weights_dir, strip_suf
                    'status': p.status, 'reason': p.reason, 'width': None, 'height': None,
                    'values': {}, 'readable': {}}
             sr_img = gt_img = None
-            if p.status in ('ok', 'unpaired_sr', 'ambiguous_gt'):
+            if p.status in ('ok', 'unpaired_sr', 'ambiguous_gt') or (p.status == 'duplicate' and folder_metrics):
                 try:
                     sr_img, plain = _read(p.sr_path)
                     rec['readable'][p.sr_path] = plain
                     rec['height'], rec['width'] = sr_img.shape[:2]
                 except Exception as err:  # noqa: BLE001 - ImageReadError and anything odd in a file
-                    rec['status'], rec['reason'] = 'unreadable', f'SR unreadable: {_one_line(err)}'
+                    msg = f'SR unreadable: {_one_line(err)}'
+                    if p.status == 'duplicate':
+                        rec['reason'] = f"{rec['reason']}; {msg}"
+                    else:
+                        rec['status'], rec['reason'] = 'unreadable', msg
+                if p.status == 'duplicate':  # read only so that FID counts it
+                    sr_img = None
             if p.gt_path:
                 want_fr = rec['status'] == 'ok'
                 if want_fr or folder_metrics:  # unpaired GT files are read only to be counted by FID

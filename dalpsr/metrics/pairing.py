@@ -14,7 +14,6 @@ Rules (documented in docs/metrics.md):
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -112,17 +111,3 @@ def pair_folders(sr_dir: str, gt_dir: Optional[str] = None,
         for p in gt_by_key[key]:
             rows.append(Pair(key, None, str(p), 'unpaired_gt', f'no SR image with key {key!r} in {sr_dir}'))
     return rows
-
-
-def gt_files_for_fid(gt_dir: str, recursive: bool = False) -> List[str]:
-    """Every image of the GT folder (FID compares whole folders, paired or not)."""
-    return [str(p) for p in list_images(gt_dir, recursive)]
-
-
-def relpath_or_abs(path: Optional[str], base: Optional[str]) -> str:
-    if path is None:
-        return ''
-    try:
-        return os.path.relpath(path, base) if base else path
-    except ValueError:
-        return path
