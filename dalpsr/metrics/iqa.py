@@ -586,15 +586,6 @@ def _row_id(pair: Pair) -> str:
     return f"{pair.key}|{pair.sr_path or ''}|{pair.gt_path or ''}"
 
 
-def _chmod_shared(path: Path) -> None:
-    mask = os.umask(0)
-    os.umask(mask)
-    try:
-        os.chmod(path, 0o666 & ~mask)
-    except OSError:
-        pass
-
-
 def _versions() -> Dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
     out = {}
@@ -860,8 +851,6 @@ def _evaluate(sr_dir, gt_dir, metrics, out, name, device, weights_dir, strip_suf
         note = (f"\n<!-- dalpsr iqa: sr={summary['sr_dir']} gt={summary['gt_dir']} pyiqa {summary['versions']['pyiqa']} "
                 f"crop_border={ms.crop_border} ({summary['date']}); options in summary.json -->\n")
         atomic_write_text(out / 'table.md', table + note)
-        for fname in OUTPUT_FILES:  # atomic writes create 0600 files; results are meant to be shared
-            _chmod_shared(out / fname)
         if (out / PARTIAL_FILE).exists():
             (out / PARTIAL_FILE).unlink()
         logger.info(f'results written to {out}')
