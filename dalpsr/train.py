@@ -369,8 +369,11 @@ def _export(model, exp_dir: Path, ema, accelerator) -> Optional[Path]:
         tmp.mkdir(parents=True)
         with (ema.swap() if ema is not None else nullcontext()):
             model.export(str(tmp))
-        if out.exists():
-            os.replace(out, exp_dir / f'export_archived_{get_time_str()}')
+        if out.exists():  # an export of an earlier session (fewer steps): keep it, renamed
+            old, n = exp_dir / f'export_archived_{get_time_str()}', 1
+            while old.exists():
+                old, n = exp_dir / f'export_archived_{get_time_str()}_{n}', n + 1
+            os.replace(out, old)
         os.replace(tmp, out)
     accelerator.wait_for_everyone()
     return out
@@ -644,7 +647,7 @@ def train(opt: Dict[str, Any]) -> Dict[str, Any]:
 
         finished = state.step >= total
         export_dir = None
-        if finished and t['export']:
+        if finished and t['export'] and (losses or not (exp_dir / 'export').is_dir()):
             export_dir = _export(model, exp_dir, ema, accelerator)
             log.info('exported to %s', export_dir)
         elif not finished:

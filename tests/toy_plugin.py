@@ -94,6 +94,10 @@ class ToyModel(BaseModel):
             pred = self.net(batch['x'].to(self.device)).float()
             tot += float(((pred - batch['y'].to(self.device)) ** 2).sum())
             n += pred.numel()
+        if self.record_dir:  # every process saves its replica (multi-process test)
+            os.makedirs(self.record_dir, exist_ok=True)
+            torch.save(self.unwrap(self.net).state_dict(),
+                       os.path.join(self.record_dir, f'params_rank{self.rank}_step{step}.pth'))
         return {'mse': tot / max(n, 1)}
 
     def export(self, out_dir):
@@ -101,3 +105,19 @@ class ToyModel(BaseModel):
         torch.save(net.state_dict(), os.path.join(out_dir, 'toy.pth'))
         with open(os.path.join(out_dir, 'toy.json'), 'w') as f:
             json.dump({'type': 'ToyModel', 'params': sum(p.numel() for p in net.parameters())}, f)
+
+
+def toy_options(root, name='toy', **train):
+    """Options dict for a short ToyModel run under ``root`` (tests); ``train`` overrides keys."""
+    t = {'total_iter': 12, 'batch_size': 4, 'num_workers': 0, 'grad_accum': 1,
+         'optimizer': {'type': 'AdamW', 'lr': 1.0e-2, 'weight_decay': 0.01},
+         'scheduler': {'type': 'cosine', 'warmup_iter': 3}, 'max_grad_norm': 1.0,
+         'checkpoint_freq': 100, 'val_freq': 0, 'print_freq': 5, 'tensorboard': False,
+         'progress_bar': False}
+    t.update(train)
+    return {'name': name, 'seed': 7, 'imports': ['tests.toy_plugin'],
+            'path': {'experiments_root': str(root)},
+            'model': {'type': 'ToyModel', 'hidden': 16, 'dropout': 0.2, 'input_noise': 0.05},
+            'datasets': {'train': {'type': 'ToyRegression', 'length': 20},
+                         'val': {'type': 'ToyRegression', 'length': 8, 'seed': 99}},
+            'train': t, '_source': '<toy options>'}

@@ -1,0 +1,94 @@
+"""Exact resume: a run stopped after step N and resumed ends at step M with the same weights,
+optimizer-driven EMA and loop state as an uninterrupted run (also with gradient accumulation
+and DataLoader workers); plus checkpoint housekeeping."""
+import copy
+
+import pytest
+import torch
+
+from dalpsr.train import list_checkpoints, train
+from tests.toy_plugin import toy_options
+
+
+def _params(result):
+    net = result['model'].unwrap(result['model'].net)
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _run(opt, **args):
+    opt = copy.deepcopy(opt)
+    opt['_args'] = {'resume': 'auto', 'force': False, **args}
+    return train(opt)
+
+
+@pytest.mark.parametrize('grad_accum,num_workers', [(1, 0), (2, 0), (2, 2)])
+def test_stop_and_resume_matches_uninterrupted(tmp_path, grad_accum, num_workers):
+    kw = dict(grad_accum=grad_accum, num_workers=num_workers, total_iter=9, ema={'decay': 0.8, 'start_iter': 2},
+              checkpoint_freq=4)
+    full = _run(toy_options(tmp_path / 'a', **kw))
+    assert full['step'] == 9
+    # same experiment stopped after step 5 (checkpoint written there), then resumed to the end
+    part = _run(toy_options(tmp_path / 'b', stop_after_iter=5, **kw))
+    assert part['step'] == 5 and part['export'] is None
+    assert [s for s, _ in list_checkpoints(tmp_path / 'b' / 'toy' / 'checkpoints')] == [4, 5]
+    resumed = _run(toy_options(tmp_path / 'b', **kw))
+    assert resumed['step'] == 9
+    # the resumed session trained only steps 6..9, and its losses equal the full run's
+    assert len(resumed['losses']) == 4
+    assert torch.allclose(torch.tensor(resumed['losses']), torch.tensor(full['losses'][5:]), rtol=0, atol=0)
+    pa, pb = _params(full), _params(resumed)
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+    for k, v in full['ema'].shadow.items():
+        assert torch.equal(v, resumed['ema'].shadow[k]), k
+    # the EMA is a real average (differs from the weights) and the export holds the EMA weights
+    exported = torch.load(resumed['export'] / 'toy.pth')
+    shadow = {k.split('.', 1)[1]: v for k, v in resumed['ema'].shadow.items()}
+    assert torch.equal(exported['net.0.weight'], shadow['net.0.weight'])
+    assert not torch.equal(exported['net.0.weight'], pb['net.0.weight'])
+    assert torch.equal(exported['frozen.weight'], pb['frozen.weight'])
+
+
+def test_resume_without_rng_restore_would_differ(tmp_path):
+    """Guards the test above: the toy model uses the global RNG (dropout, input noise), so a
+    resume that did not restore RNG states would not match."""
+    full = _run(toy_options(tmp_path / 'a', total_iter=6))
+    part = _run(toy_options(tmp_path / 'b', total_iter=6, stop_after_iter=3))
+    ckpt = part['checkpoint']
+    import os
+    os.remove(ckpt / 'random_states_0.pkl')  # accelerate then keeps the current RNG
+    torch.manual_seed(12345)
+    resumed = _run(toy_options(tmp_path / 'b', total_iter=6))
+    assert resumed['step'] == 6
+    assert any(not torch.equal(a, b) for a, b in zip(_params(full).values(), _params(resumed).values()))
+
+
+def test_keep_checkpoints_and_finished_run(tmp_path):
+    opt = toy_options(tmp_path, total_iter=10, checkpoint_freq=2, keep_checkpoints=2)
+    res = _run(opt)
+    root = tmp_path / 'toy' / 'checkpoints'
+    assert [s for s, _ in list_checkpoints(root)] == [8, 10]
+    assert not list(root.glob('.tmp-*'))
+    assert (root / 'checkpoint-10' / 'trainer_state.json').is_file()
+    # running the finished experiment again trains nothing and keeps the weights
+    again = _run(opt)
+    assert again['step'] == 10 and again['losses'] == []
+    for a, b in zip(_params(res).values(), _params(again).values()):
+        assert torch.equal(a, b)
+    # raising total_iter continues from step 10 (a new checkpoint-14 appears)
+    more = _run(toy_options(tmp_path, total_iter=14, checkpoint_freq=2, keep_checkpoints=2))
+    assert more['step'] == 14 and len(more['losses']) == 4
+    assert [s for s, _ in list_checkpoints(root)] == [12, 14]
+
+
+def test_interrupted_save_is_ignored(tmp_path):
+    """A half-written checkpoint (killed during save) is never resumed from and is cleaned up."""
+    opt = toy_options(tmp_path, total_iter=6, stop_after_iter=3)
+    _run(opt)
+    root = tmp_path / 'toy' / 'checkpoints'
+    junk = root / '.tmp-checkpoint-5'
+    junk.mkdir()
+    (junk / 'model.safetensors').write_bytes(b'half')
+    res = _run(toy_options(tmp_path, total_iter=6))
+    assert res['step'] == 6 and len(res['losses']) == 3
+    assert not junk.exists()
