@@ -61,9 +61,9 @@ class _MLP(nn.Module):
 @MODEL_REGISTRY.register()
 class ToyModel(BaseModel):
     """``opt['model']``: ``{type: ToyModel, hidden: 16, dropout: 0.1, input_noise: 0.01,
-    record_dir: null}``."""
+    record_dir: null, signal_at_step: null}``."""
 
-    KEYS = {'type', 'hidden', 'dropout', 'input_noise', 'record_dir'}
+    KEYS = {'type', 'hidden', 'dropout', 'input_noise', 'record_dir', 'signal_at_step'}
 
     def __init__(self, opt, accelerator=None):
         super().__init__(opt, accelerator)
@@ -73,11 +73,15 @@ class ToyModel(BaseModel):
         self.input_noise = float(mopt.get('input_noise', 0.01))
         self.record_dir = mopt.get('record_dir')
         self.rank = accelerator.process_index if accelerator is not None else 0
+        self.signal_at_step = mopt.get('signal_at_step')  # test hook: send SIGTERM to itself at this step
 
     def trainable_modules(self):
         return {'net': self.net}
 
     def training_step(self, batch, step):
+        if self.signal_at_step is not None and step == int(self.signal_at_step):
+            import signal
+            os.kill(os.getpid(), signal.SIGTERM)
         x = batch['x'] + self.input_noise * torch.randn_like(batch['x'])
         pred = self.net(x)
         loss = torch.mean((pred.float() - batch['y']) ** 2)
