@@ -1,0 +1,180 @@
+"""IRPAD: arch shapes, gradient flow, encoders (conv / tiny open_clip / tiny HF CLIP text),
+save/load, retrieval on a separable toy set, metrics, the training model and the predictor API."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dalpsr.archs.irpad_arch import IRPAD, ConvEncoder
+
+CANDS = [[f'{v} with sigma {k / 4:g}~{(k + 1) / 4:g}' for k in range(4)] for v in ('Deblur', 'Denoise', 'Dejpeg')]
+TINY = dict(image_encoder={'type': 'conv', 'channels': [8, 16, 16]}, embed_dim=32, num_heads=2, ffn_ratio=2.0)
+
+
+def _tiny_open_clip_dir(root):
+    """A tiny open_clip model saved as an open_clip 'local-dir:' folder (random weights)."""
+    import open_clip
+    cfg = {'embed_dim': 16,
+           'vision_cfg': {'image_size': 32, 'layers': 2, 'width': 32, 'patch_size': 8, 'head_width': 16},
+           'text_cfg': {'context_length': 77, 'vocab_size': 49408, 'width': 32, 'heads': 2, 'layers': 1}}
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**cfg)
+    d = os.path.join(root, 'tinyclip')
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, 'open_clip_config.json'), 'w') as f:
+        json.dump({'model_cfg': cfg, 'preprocess_cfg': {}}, f)
+    torch.save(model.state_dict(), os.path.join(d, 'open_clip_pytorch_model.bin'))
+    return d
+
+
+# ------------------------------------------------------------------------------------- arch
+@pytest.mark.parametrize('size', [(64, 64), (128, 128), (80, 96)])
+def test_shapes_conv_learnable(size):
+    torch.manual_seed(0)
+    net = IRPAD(3, 4, CANDS, **TINY)
+    x = torch.rand(2, 3, *size)
+    logits, att = net(x, return_attention=True)
+    assert logits.shape == (2, 3, 4)
+    n_tokens = (size[0] // 4) * (size[1] // 4)   # two stride-2 stages
+    assert att.shape == (2, 12, n_tokens)
+    assert torch.allclose(att.sum(-1), torch.ones(2, 12), atol=1e-5)
+    pred = net.predict(x)
+    assert pred.dtype == torch.long and pred.shape == (2, 3) and int(pred.min()) >= 0 and int(pred.max()) < 4
+
+
+def test_conv_encoder_token_grid():
+    enc = ConvEncoder(channels=(8, 16, 32, 64))
+    tok = enc(torch.rand(1, 3, 128, 128))
+    assert tok.shape == (1, 16 * 16, 64) and enc.stride == 8
+
+
+def test_bad_inputs_fail_with_clear_messages():
+    with pytest.raises(ValueError, match='candidates must be 3 x 4'):
+        IRPAD(3, 4, CANDS[:2], **TINY)
+    with pytest.raises(ValueError, match="prompt_embedding.type must be one of"):
+        IRPAD(3, 4, CANDS, prompt_embedding={'type': 'bert'}, **TINY)
+    with pytest.raises(ValueError, match="unknown key"):
+        IRPAD(3, 4, CANDS, prompt_embedding={'type': 'learnable', 'dim': 3}, **TINY)
+    with pytest.raises(ValueError, match="image_encoder.type"):
+        IRPAD(3, 4, CANDS, image_encoder={'type': 'resnet'})
+    net = IRPAD(3, 4, CANDS, **TINY)
+    with pytest.raises(ValueError, match=r'\[B, 3, h, w\]'):
+        net(torch.rand(3, 32, 32))
+    from dalpsr.archs.irpad_arch import load_open_clip
+    with pytest.raises(FileNotFoundError, match='open_clip checkpoint not found'):
+        load_open_clip('ViT-B-32', '/nonexistent/open_clip_model.bin')
+
+
+def test_gradient_flows_into_decoder_and_encoder():
+    torch.manual_seed(0)
+    net = IRPAD(3, 4, CANDS, **TINY)
+    logits = net(torch.rand(4, 3, 32, 32))
+    torch.nn.functional.cross_entropy(logits.reshape(-1, 4), torch.randint(0, 4, (12,))).backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, f'no gradient reaches {name}'
+
+
+def test_open_clip_encoders_frozen_tower_and_cached_prompts(tmp_path):
+    """open_clip image tower (frozen) + open_clip text embeddings of the phrases; the saved
+    IRPAD reloads from its config + state dict alone (text encoder and folder gone)."""
+    d = _tiny_open_clip_dir(str(tmp_path))
+    spec = 'local-dir:' + d
+    torch.manual_seed(0)
+    net = IRPAD(3, 4, CANDS, image_encoder={'type': 'open_clip', 'model_name': spec, 'frozen': True},
+                prompt_embedding={'type': 'open_clip', 'model_name': spec}, embed_dim=32, num_heads=2)
+    assert net.prompt_features.shape == (12, 16)
+    # distinct phrases -> distinct (unit-norm) text features
+    f = net.prompt_features
+    assert torch.allclose(f.norm(dim=-1), torch.ones(12), atol=1e-5)
+    assert (torch.cdist(f, f) + torch.eye(12)).min() > 1e-4
+    x = torch.rand(2, 3, 48, 40)
+    logits = net(x)
+    assert logits.shape == (2, 3, 4)
+    # frozen tower: no grad, unchanged by an optimizer step; decoder and projection train
+    before = {k: v.clone() for k, v in net.image_encoder.state_dict().items()}
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    net.train()
+    assert not net.image_encoder.visual.training
+    logits.sum().backward()
+    opt.step()
+    assert all(not p.requires_grad for p in net.image_encoder.parameters())
+    assert all(torch.equal(before[k], v) for k, v in net.image_encoder.state_dict().items())
+    assert net.prompt_proj.weight.grad is not None and net.blocks[0].attn.in_proj_weight.grad.abs().sum() > 0
+    # round trip without the open_clip folder
+    net.eval()
+    ref = net(x)
+    cfg, state = json.loads(json.dumps(net.config)), net.state_dict()
+    shutil.rmtree(d)
+    net2 = IRPAD(**cfg)
+    net2.load_state_dict(state, strict=False)
+    assert torch.allclose(net2.eval()(x), ref, atol=1e-6)
+
+
+def test_open_clip_trainable_tower_gets_gradients(tmp_path):
+    d = _tiny_open_clip_dir(str(tmp_path))
+    net = IRPAD(3, 4, CANDS, image_encoder={'type': 'open_clip', 'model_name': 'local-dir:' + d, 'frozen': False,
+                                            'token_layer': 0}, embed_dim=32, num_heads=2)
+    net(torch.rand(2, 3, 32, 32)).sum().backward()
+    assert net.image_encoder.visual.conv1.weight.grad.abs().sum() > 0
+
+
+def test_hf_clip_text_prompt_embeddings(tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, projection_dim=24, max_position_embeddings=77)
+    torch.manual_seed(0)
+    CLIPTextModelWithProjection(cfg).save_pretrained(tmp_path / 'clip_text')
+    net = IRPAD(3, 4, CANDS, prompt_embedding={'type': 'hf_clip', 'path': str(tmp_path / 'clip_text')}, **TINY)
+    assert net.prompt_features.shape == (12, 24)
+    assert net.config['prompt_embedding'] == {'type': 'cached', 'dim': 24}
+    assert net(torch.rand(1, 3, 32, 32)).shape == (1, 3, 4)
+    with pytest.raises(FileNotFoundError, match='CLIP text model folder not found'):
+        IRPAD(3, 4, CANDS, prompt_embedding={'type': 'hf_clip', 'path': str(tmp_path / 'nope')}, **TINY)
+
+
+# ------------------------------------------------------------------------- retrieval toy set
+def _toy_batch(n, rng):
+    """Trivially separable: the interval of type t sets the mean of colour channel t
+    (0.125 + 0.25 k), plus mild pixel noise; types drawn independently."""
+    labels = rng.integers(0, 4, size=(n, 3))
+    means = 0.125 + 0.25 * labels.astype(np.float32)
+    imgs = means[:, :, None, None] + rng.normal(0, 0.03, size=(n, 3, 16, 16))
+    return torch.from_numpy(np.clip(imgs, 0, 1).astype(np.float32)), torch.from_numpy(labels)
+
+
+def test_retrieval_picks_right_prompt_on_separable_toy_set():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    net = IRPAD(3, 4, CANDS, **TINY)
+    x, y = _toy_batch(256, np.random.default_rng(123))
+    acc0 = (net.eval().predict(x) == y).float().mean()
+    assert acc0 < 0.5  # untrained: near chance (so the test below can fail)
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    for _ in range(120):
+        xb, yb = _toy_batch(32, rng)
+        loss = torch.nn.functional.cross_entropy(net(xb).reshape(-1, 4), yb.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    acc = (net.predict(x) == y).float().mean(0)
+    assert (acc > 0.95).all(), acc
+
+
+# -------------------------------------------------------------------------------- metrics
+def test_confusion_metrics_closed_form():
+    from dalpsr.models.irpad_model import confusion_matrices, confusion_metrics
+    target = torch.tensor([[0], [0], [0], [0], [1], [2], [3], [3]])
+    pred = torch.tensor([[0], [0], [0], [1], [1], [0], [3], [2]])
+    conf = confusion_matrices(pred, target, 4)
+    assert conf.shape == (1, 4, 4) and conf[0, 0, 0] == 3 and conf[0, 2, 0] == 1 and conf.sum() == 8
+    m = confusion_metrics(conf, ['blur'])
+    assert m['acc/blur'] == pytest.approx(5 / 8)
+    assert m['bacc/blur'] == pytest.approx((3 / 4 + 1 + 0 + 1 / 2) / 4)
+    assert m['within1/blur'] == pytest.approx(7 / 8)
+    assert m['acc/mean'] == m['acc/blur']
