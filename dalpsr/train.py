@@ -51,7 +51,7 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
-from contextlib import contextmanager, nullcontext  # noqa: E402
+from contextlib import ExitStack, contextmanager, nullcontext  # noqa: E402
 from datetime import timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Dict, List, Optional, Tuple  # noqa: E402
@@ -487,6 +487,7 @@ def train(opt: Dict[str, Any]) -> Dict[str, Any]:
         log.addHandler(fh)
     writer = None
     stop = _StopFlag(bool(t['handle_signals']))
+    cleanup = ExitStack()
     try:
         if main:
             text = dump_options(opt)
@@ -559,8 +560,13 @@ def train(opt: Dict[str, Any]) -> Dict[str, Any]:
                 m.train()
 
             from tqdm import tqdm
-            bar = tqdm(total=total, initial=state.step, disable=not (main and t['progress_bar']),
-                       dynamic_ncols=True, desc=str(opt['name']))
+            from tqdm.contrib.logging import logging_redirect_tqdm
+            show_bar = bool(main and t['progress_bar'])
+            bar = tqdm(total=total, initial=state.step, disable=not show_bar, dynamic_ncols=True,
+                       desc=str(opt['name']))
+            cleanup.callback(bar.close)
+            if show_bar:
+                cleanup.enter_context(logging_redirect_tqdm(loggers=[log]))
             window: Dict[str, float] = {}
             window_n = 0
             t_window = time.time()
@@ -642,7 +648,7 @@ def train(opt: Dict[str, Any]) -> Dict[str, Any]:
                     log.warning('stop requested by a signal: checkpoint written at step %d; '
                                 'run the same command again to resume', step)
                     break
-            bar.close()
+            cleanup.close()
             del data_iter, loader
 
         finished = state.step >= total
@@ -655,6 +661,7 @@ def train(opt: Dict[str, Any]) -> Dict[str, Any]:
         return {'exp_dir': exp_dir, 'step': state.step, 'losses': losses, 'val': last_val, 'model': model,
                 'checkpoint': last_ckpt, 'export': export_dir, 'accelerator': accelerator, 'ema': ema}
     finally:
+        cleanup.close()
         stop.restore()
         if writer is not None:
             writer.close()
