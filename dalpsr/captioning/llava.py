@@ -57,6 +57,8 @@ def replace_vision_tower(llava, path: str) -> None:
     """Load a ``CLIPVisionModel`` folder into ``llava``'s vision tower (shapes must match)."""
     from transformers import CLIPVisionModel
     p = Path(path)
+    if not (p / 'config.json').is_file() and (p / 'vision_tower' / 'config.json').is_file():
+        p = p / 'vision_tower'  # a CaptionAlignModel export folder
     if not (p / 'config.json').is_file():
         raise FileNotFoundError(f'tuned vision tower not found: {p}/config.json (train one with '
                                 'options/train/train_caption_align.yml; its export writes <exp>/export/vision_tower)')
