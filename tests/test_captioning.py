@@ -264,6 +264,9 @@ def test_caption_script_options_file_and_bad_paths(caption_script, tmp_path, ima
     opt.write_text(f'input: {image_dir}\nout: {tmp_path / "o.jsonl"}\ncaptioner: none\n')
     assert caption_script.main(['-opt', str(opt)]) == 0
     assert {r['description'] for r in read_jsonl(tmp_path / 'o.jsonl') if r['error'] is None} == {''}
+    ref = caption_script.main(['-opt', 'options/reference/captioning.yml', '--input', str(image_dir),
+                               '--out', str(tmp_path / 'ref.jsonl')])
+    assert ref == 0 and len(read_jsonl(tmp_path / 'ref.jsonl')) == 4
     opt.write_text('inptu: x\n')
     from dalpsr.utils.options import OptionError
     with pytest.raises(OptionError, match='inptu'):
@@ -273,3 +276,15 @@ def test_caption_script_options_file_and_bad_paths(caption_script, tmp_path, ima
     assert caption_script.main(['--input', str(image_dir), '--out', str(tmp_path / 'y.jsonl'),
                                 '--ram', str(tmp_path / 'noram')]) == 2
     assert 'pretrained_models/ram' in capsys.readouterr().err
+
+
+def test_triplet_dataset_reads_captions_written_by_the_script(caption_script, tiny_ram, hr_folder, tmp_path):
+    from dalpsr.data.triplet_dataset import TripletDataset
+    out = tmp_path / 'hr_caps.jsonl'
+    assert caption_script.main(['--input', str(hr_folder), '--out', str(out), '--captioner', 'ram',
+                                '--ram', str(tiny_ram), '--device', 'cpu']) == 0
+    caps = {r['key']: r['description'] for r in read_jsonl(out)}
+    ds = TripletDataset(dataroot_gt=str(hr_folder), gt_size=64, caption_file=str(out), seed=0)
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item['caption'] == caps[item['key']]
