@@ -92,3 +92,42 @@ def test_interrupted_save_is_ignored(tmp_path):
     res = _run(toy_options(tmp_path, total_iter=6))
     assert res['step'] == 6 and len(res['losses']) == 3
     assert not junk.exists()
+
+
+def test_sigkill_mid_run_then_resume(tmp_path):
+    """A real ``python dalpsr/train.py`` process killed with SIGKILL (no chance to clean up)
+    resumes from its last complete checkpoint and ends with the uninterrupted weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    kw = dict(total_iter=14, grad_accum=2, checkpoint_freq=2, keep_checkpoints=2)
+    full = _run(toy_options(tmp_path / 'a', **kw))
+    opt = toy_options(tmp_path / 'b', **kw)
+    opt['model']['step_sleep'] = 0.1
+    opt.pop('_source')
+    yml = tmp_path / 'kill.yml'
+    yml.write_text(yaml.safe_dump(opt))
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=repo, HF_HUB_OFFLINE='1')
+    proc = subprocess.Popen([sys.executable, os.path.join(repo, 'dalpsr', 'train.py'), '-opt', str(yml)],
+                            cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpts = tmp_path / 'b' / 'toy' / 'checkpoints'
+    t0 = time.time()
+    try:
+        while not (ckpts / 'checkpoint-4').exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() - t0 < 180, 'no checkpoint-4 after 180 s'
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = [s for s, _ in list_checkpoints(ckpts)]
+    assert done and max(done) < 14 and not (tmp_path / 'b' / 'toy' / 'export').exists()
+    resumed = _run(toy_options(tmp_path / 'b', **kw))
+    assert resumed['step'] == 14 and len(resumed['losses']) == 14 - max(done)
+    for (k, a), b in zip(_params(full).items(), _params(resumed).values()):
+        assert torch.equal(a, b), k

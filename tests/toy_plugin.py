@@ -61,9 +61,9 @@ class _MLP(nn.Module):
 @MODEL_REGISTRY.register()
 class ToyModel(BaseModel):
     """``opt['model']``: ``{type: ToyModel, hidden: 16, dropout: 0.1, input_noise: 0.01,
-    record_dir: null, signal_at_step: null}``."""
+    record_dir: null, signal_at_step: null, step_sleep: 0}``."""
 
-    KEYS = {'type', 'hidden', 'dropout', 'input_noise', 'record_dir', 'signal_at_step'}
+    KEYS = {'type', 'hidden', 'dropout', 'input_noise', 'record_dir', 'signal_at_step', 'step_sleep'}
 
     def __init__(self, opt, accelerator=None):
         super().__init__(opt, accelerator)
@@ -74,6 +74,7 @@ class ToyModel(BaseModel):
         self.record_dir = mopt.get('record_dir')
         self.rank = accelerator.process_index if accelerator is not None else 0
         self.signal_at_step = mopt.get('signal_at_step')  # test hook: send SIGTERM to itself at this step
+        self.step_sleep = float(mopt.get('step_sleep', 0.0))  # test hook: slow steps (to kill a run mid-way)
 
     def trainable_modules(self):
         return {'net': self.net}
@@ -82,6 +83,9 @@ class ToyModel(BaseModel):
         if self.signal_at_step is not None and step == int(self.signal_at_step):
             import signal
             os.kill(os.getpid(), signal.SIGTERM)
+        if self.step_sleep:
+            import time
+            time.sleep(self.step_sleep)
         x = batch['x'] + self.input_noise * torch.randn_like(batch['x'])
         pred = self.net(x)
         loss = torch.mean((pred.float() - batch['y']) ** 2)
