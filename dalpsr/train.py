@@ -43,9 +43,7 @@ import copy  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import inspect  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
-import math  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -58,6 +56,7 @@ from typing import Any, Dict, List, Optional, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from dalpsr.utils.misc import atomic_write_json, atomic_write_text, get_time_str, mkdir_and_rename, set_random_seed  # noqa: E402,E501
 from dalpsr.utils.options import OptionError, check_keys, dump_options, load_options  # noqa: E402
@@ -258,6 +257,16 @@ class LoopState:
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.step = int(state['step'])
         self.samples_seen = int(state['samples_seen'])
+
+
+def _changed_keys(a: Any, b: Any, prefix: str = '') -> List[str]:
+    """Dotted keys whose values differ between two option trees."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in list(a) + [k for k in b if k not in a]:
+            out += _changed_keys(a.get(k), b.get(k), f'{prefix}{k}.')
+        return out
+    return [] if a == b else [prefix.rstrip('.')]
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -493,8 +502,11 @@ def train(opt: Dict[str, Any]) -> Dict[str, Any]:
             text = dump_options(opt)
             opt_file = exp_dir / 'options.yml'
             if opt_file.exists() and opt_file.read_text(encoding='utf-8') != text:
+                changed = _changed_keys(yaml.safe_load(opt_file.read_text(encoding='utf-8')) or {},
+                                        yaml.safe_load(text) or {})
                 opt_file = exp_dir / f'options_{get_time_str()}.yml'
-                log.warning('options differ from the earlier run of this experiment; saved as %s', opt_file.name)
+                log.warning('options differ from the first run of this experiment (%s); saved as %s',
+                            ', '.join(changed[:8]) + (' ...' if len(changed) > 8 else ''), opt_file.name)
             atomic_write_text(opt_file, text)
         log.info('experiment %s (%s), %s process(es), device %s, mixed precision %s',
                  exp_dir, {'fresh': 'new', 'archive': 'new; the old folder was archived'}.get(action, 'resuming'),

@@ -78,6 +78,8 @@ def test_keep_checkpoints_and_finished_run(tmp_path):
     # raising total_iter continues from step 10 (a new checkpoint-14 appears)
     more = _run(toy_options(tmp_path, total_iter=14, checkpoint_freq=2, keep_checkpoints=2))
     assert more['step'] == 14 and len(more['losses']) == 4
+    log = (tmp_path / 'toy' / 'train.log').read_text()
+    assert 'options differ from the first run of this experiment (train.total_iter); saved as options_' in log
     assert [s for s, _ in list_checkpoints(root)] == [12, 14]
 
 
