@@ -1,0 +1,233 @@
+"""A pre-generated, in-memory set of degraded LR crops with their labels (for IRPAD).
+
+IRPAD only needs the LR image and its interval labels, and on a CPU the Real-ESRGAN
+degradation of a 512 crop (~80 ms) costs more than an IRPAD training step on it. So the CPU
+recipe degrades once, into one ``.npz`` file, and trains many epochs over it:
+
+* :func:`build_lr_cache` draws sample ``i`` from ``sample_rng(seed, i)`` only (HR image,
+  random crop of ``gt_size`` — reflect-padded when the image is smaller —, flip/rot90, every
+  degradation choice), degrades it with :class:`~dalpsr.data.degradations.RealESRGANDegradation`
+  and labels it with :class:`~dalpsr.data.prompt_labels.PromptSpec`. Deterministic for a seed,
+  whatever the number of worker processes; written atomically.
+* :class:`CachedLRDataset` (registered) serves the items, optionally building the file first
+  (``build:`` block) when it does not exist, with random flips/rot90 per index (they keep
+  the 8x8 JPEG grid of crops whose side is a multiple of 8).
+
+File content: ``lq`` uint8 [N, h, w, 3]; ``labels`` int64 [N, T]; ``degrees`` float32 [N, T];
+``keys`` (image stem + index); ``params`` (JSON per sample); ``meta`` (JSON: options used).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from dalpsr.utils.registry import DATASET_REGISTRY
+
+__all__ = ['build_lr_cache', 'load_lr_cache', 'CachedLRDataset', 'resolve_hr_paths']
+
+
+def resolve_hr_paths(hr: Any) -> List[str]:
+    """``hr``: ``'sample:train'`` / ``'sample:val'`` (photos shipped in installed packages), a
+    folder of images, or a list of files. Returns sorted paths; an empty result is an error."""
+    from dalpsr.utils.misc import scan_images
+    if isinstance(hr, str) and hr.startswith('sample:'):
+        from dalpsr.data.sample_images import sample_image_paths
+        paths = [str(p) for p in sample_image_paths(hr.split(':', 1)[1])]
+    elif isinstance(hr, str):
+        paths = [str(p) for p in scan_images(hr)]
+    else:
+        paths = [str(p) for p in hr]
+    if not paths:
+        raise FileNotFoundError(f'no HR images found for {hr!r}')
+    return paths
+
+
+def _crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    h, w = img.shape[:2]
+    if h < size or w < size:  # reflect-pad small images (documented rule)
+        ph, pw = max(0, size - h), max(0, size - w)
+        img = np.pad(img, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode='reflect')
+        h, w = img.shape[:2]
+    y = int(rng.integers(0, h - size + 1))
+    x = int(rng.integers(0, w - size + 1))
+    return img[y:y + size, x:x + size]
+
+
+def _dihedral(img: np.ndarray, code: int) -> np.ndarray:
+    """One of the 8 flips/rotations (code 0..7) of an HxWxC array."""
+    if code & 4:
+        img = img[:, ::-1]
+    return np.ascontiguousarray(np.rot90(img, code & 3))
+
+
+_WORKER: Dict[str, Any] = {}
+
+
+def _init_worker(hr_paths, gt_size, seed, degradation, prompt):
+    import cv2
+    from dalpsr.data.degradations import RealESRGANDegradation
+    from dalpsr.data.prompt_labels import PromptSpec
+    cv2.setNumThreads(1)
+    _WORKER.update(paths=hr_paths, gt_size=gt_size, seed=seed, deg=RealESRGANDegradation(**(degradation or {})),
+                   spec=PromptSpec.from_opt(prompt), images={})
+
+
+def _make_sample(i: int):
+    from dalpsr.data.prompt_labels import degrees
+    from dalpsr.utils.img_io import read_image
+    from dalpsr.utils.misc import sample_rng
+    w = _WORKER
+    rng = sample_rng(w['seed'], i)
+    j = int(rng.integers(0, len(w['paths'])))
+    if j not in w['images']:
+        w['images'][j] = read_image(w['paths'][j])
+    gt = _dihedral(_crop(w['images'][j], w['gt_size'], rng), int(rng.integers(0, 8)))
+    out = w['deg'](np.ascontiguousarray(gt, dtype=np.float32), rng)
+    lq = np.clip(np.round(out['lq'] * 255.0), 0, 255).astype(np.uint8)
+    spec = w['spec']
+    deg = degrees(out['params'])
+    key = f"{os.path.splitext(os.path.basename(w['paths'][j]))[0]}_{i:07d}"
+    return (i, lq, spec.labels(out['params']), [deg[t] for t in spec.types], key,
+            json.dumps(out['params'], default=float))
+
+
+def build_lr_cache(out_file: str, hr: Any = 'sample:train', num_samples: int = 1000, gt_size: int = 256,
+                   seed: int = 0, degradation: Optional[Dict[str, Any]] = None,
+                   prompt: Optional[Dict[str, Any]] = None, workers: int = 1, overwrite: bool = False,
+                   progress: bool = True) -> str:
+    """Degrade ``num_samples`` random crops of the ``hr`` images and save them to ``out_file``
+    (``.npz``). Refuses to overwrite an existing file unless ``overwrite``. Returns the path."""
+    from tqdm import tqdm
+    from dalpsr.utils.misc import atomic_path
+    if os.path.exists(out_file) and not overwrite:
+        raise FileExistsError(f'{out_file} exists; refusing to overwrite it (pass overwrite=True / --overwrite)')
+    if int(num_samples) < 1:
+        raise ValueError(f'num_samples must be >= 1, got {num_samples}')
+    paths = resolve_hr_paths(hr)
+    args = (paths, int(gt_size), int(seed), degradation, prompt)
+    n = int(num_samples)
+    results = [None] * n
+    it = range(n)
+    if int(workers) > 1:
+        import multiprocessing as mp
+        ctx = mp.get_context('fork' if hasattr(os, 'fork') else 'spawn')
+        with ctx.Pool(int(workers), initializer=_init_worker, initargs=args) as pool:
+            for r in tqdm(pool.imap_unordered(_make_sample, it, chunksize=16), total=n, disable=not progress,
+                          desc=f'degrading {os.path.basename(out_file)}'):
+                results[r[0]] = r
+    else:
+        _init_worker(*args)
+        for i in tqdm(it, total=n, disable=not progress, desc=f'degrading {os.path.basename(out_file)}'):
+            results[i] = _make_sample(i)
+    from dalpsr.data.prompt_labels import PromptSpec
+    spec = PromptSpec.from_opt(prompt)
+    meta = {'hr': [os.path.basename(p) for p in paths], 'num_samples': n, 'gt_size': int(gt_size),
+            'seed': int(seed), 'degradation': degradation or {}, 'prompt': spec.to_opt()}
+    with atomic_path(out_file) as tmp:
+        with open(tmp, 'wb') as f:
+            np.savez(f, lq=np.stack([r[1] for r in results]),
+                     labels=np.asarray([r[2] for r in results], dtype=np.int64),
+                     degrees=np.asarray([r[3] for r in results], dtype=np.float32),
+                     keys=np.asarray([r[4] for r in results]), params=np.asarray([r[5] for r in results]),
+                     meta=np.asarray(json.dumps(meta)))
+    return out_file
+
+
+def load_lr_cache(path: str) -> Dict[str, Any]:
+    """Arrays of a cache file (see module doc) with ``meta`` decoded."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'LR cache not found: {path} (build it with scripts/make_lr_cache.py or give '
+                                'the dataset a build: block)')
+    with np.load(path, allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files}
+    data['meta'] = json.loads(str(data['meta']))
+    return data
+
+
+def _build_once(cache_file: str, build: Dict[str, Any], poll_s: float = 2.0) -> None:
+    """Build ``cache_file`` in one process only: the first to create ``<file>.lock`` builds, the
+    others (other ranks of a distributed run, or other runs) wait for the file to appear.
+    A lock older than its builder (a killed run) is taken over after ``stale_s``."""
+    import time
+    lock = cache_file + '.lock'
+    os.makedirs(os.path.dirname(os.path.abspath(cache_file)), exist_ok=True)
+    stale_s = 6 * 3600
+    while not os.path.isfile(cache_file):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(lock, encoding='utf-8') as f:
+                    pid = int(f.read().strip() or 0)
+                alive = pid > 0 and os.path.exists(f'/proc/{pid}') if os.path.isdir('/proc') else True
+            except (OSError, ValueError):
+                alive = True
+            if not alive or time.time() - os.path.getmtime(lock) > stale_s:
+                try:
+                    os.unlink(lock)
+                except OSError:
+                    pass
+                continue
+            time.sleep(poll_s)
+            continue
+        try:
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            if not os.path.isfile(cache_file):
+                build_lr_cache(cache_file, **build)
+        finally:
+            try:
+                os.unlink(lock)
+            except OSError:
+                pass
+
+
+@DATASET_REGISTRY.register()
+class CachedLRDataset:
+    """Items of an LR cache: ``{'lq': float32 [3, h, w] in [0, 1], 'labels': int64 [T],
+    'prompt': str, 'key': str, 'index': int}``.
+
+    Args:
+        cache_file: the ``.npz`` written by :func:`build_lr_cache`.
+        build: optional kwargs of :func:`build_lr_cache` (without ``out_file``), used when
+            ``cache_file`` does not exist yet.
+        augment: random flip/rot90 per index (from ``sample_rng(seed, i)``).
+        seed: seeds the augmentation.
+        length: optional number of items to use (the first ``length``).
+    """
+
+    def __init__(self, cache_file: str, build: Optional[Dict[str, Any]] = None, augment: bool = False,
+                 seed: int = 0, length: Optional[int] = None):
+        if not os.path.isfile(cache_file):
+            if not build:
+                load_lr_cache(cache_file)  # raises the one-line error
+            _build_once(cache_file, build)
+        data = load_lr_cache(cache_file)
+        n = len(data['lq']) if length is None else min(int(length), len(data['lq']))
+        self.lq = data['lq'][:n]
+        self.labels = data['labels'][:n]
+        self.degrees = data['degrees'][:n]
+        self.keys = [str(k) for k in data['keys'][:n]]
+        self.meta = data['meta']
+        self.augment = bool(augment)
+        self.seed = int(seed)
+        from dalpsr.data.prompt_labels import PromptSpec
+        self.spec = PromptSpec.from_opt(self.meta.get('prompt'))
+
+    def __len__(self) -> int:
+        return len(self.lq)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        import torch
+        from dalpsr.utils.misc import sample_rng
+        idx = int(i) % len(self.lq)
+        img = self.lq[idx]
+        if self.augment:
+            img = _dihedral(img, int(sample_rng(self.seed, int(i)).integers(0, 8)))
+        lq = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+        labels = self.labels[idx]
+        return {'lq': lq, 'labels': torch.from_numpy(labels.copy()), 'prompt': self.spec.prompt(labels.tolist()),
+                'key': self.keys[idx], 'index': idx}
