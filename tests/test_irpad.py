@@ -178,3 +178,108 @@ def test_confusion_metrics_closed_form():
     assert m['bacc/blur'] == pytest.approx((3 / 4 + 1 + 0 + 1 / 2) / 4)
     assert m['within1/blur'] == pytest.approx(7 / 8)
     assert m['acc/mean'] == m['acc/blur']
+
+
+# --------------------------------------------------------------------------- LR cache data
+def test_lr_cache_deterministic_across_workers_and_refuses_overwrite(tmp_path):
+    from dalpsr.data.lr_cache import CachedLRDataset, build_lr_cache
+    from dalpsr.data.prompt_labels import PromptSpec
+    a, b = str(tmp_path / 'a.npz'), str(tmp_path / 'b.npz')
+    build_lr_cache(a, 'sample:train', num_samples=6, gt_size=64, seed=5, workers=1, progress=False)
+    build_lr_cache(b, 'sample:train', num_samples=6, gt_size=64, seed=5, workers=2, progress=False)
+    za, zb = np.load(a), np.load(b)
+    for k in ('lq', 'labels', 'degrees', 'keys', 'params'):
+        assert np.array_equal(za[k], zb[k]), k
+    assert za['lq'].shape == (6, 16, 16, 3) and za['lq'].dtype == np.uint8 and za['labels'].shape == (6, 3)
+    # labels are the spec's labels of the recorded params
+    spec = PromptSpec()
+    assert [spec.labels(json.loads(p)) for p in za['params']] == za['labels'].tolist()
+    with pytest.raises(FileExistsError, match='refusing to overwrite'):
+        build_lr_cache(a, 'sample:train', num_samples=6, gt_size=64, seed=5, progress=False)
+    ds = CachedLRDataset(a, augment=True, seed=1)
+    item, again = ds[8], ds[8]
+    assert item['lq'].shape == (3, 16, 16) and item['lq'].dtype == torch.float32
+    assert 0 <= float(item['lq'].min()) and float(item['lq'].max()) <= 1
+    assert torch.equal(item['lq'], again['lq']) and item['index'] == 2
+    assert spec.parse(item['prompt']) == item['labels'].tolist()
+    # a dataset with a build block makes the file on first use; without one: a clear error
+    c = str(tmp_path / 'sub' / 'c.npz')
+    assert len(CachedLRDataset(c, build={'hr': 'sample:val', 'num_samples': 3, 'gt_size': 32, 'seed': 2,
+                                         'progress': False})) == 3
+    with pytest.raises(FileNotFoundError, match='LR cache not found'):
+        CachedLRDataset(str(tmp_path / 'none.npz'))
+
+
+# ------------------------------------------------------------- training model + predictor
+def _model_opt(tmp_path, cache, **model):
+    return {'name': 'irpad_test', 'seed': 0, '_source': 'test', 'path': {'experiments_root': str(tmp_path / 'exp')},
+            'model': {'type': 'IRPADModel', 'network': dict(TINY), **model},
+            'datasets': {'train': {'type': 'CachedLRDataset', 'cache_file': cache, 'augment': True},
+                         'val': {'type': 'CachedLRDataset', 'cache_file': cache, 'batch_size': 4}},
+            'train': {'total_iter': 6, 'batch_size': 4, 'optimizer': {'type': 'AdamW', 'lr': 1e-3},
+                      'scheduler': {'type': 'constant', 'warmup_iter': 0}, 'val_freq': 6, 'checkpoint_freq': 0,
+                      'print_freq': 3, 'tensorboard': False, 'progress_bar': False}}
+
+
+@pytest.fixture(scope='module')
+def small_cache(tmp_path_factory):
+    from dalpsr.data.lr_cache import build_lr_cache
+    p = str(tmp_path_factory.mktemp('irpad') / 'small.npz')
+    return build_lr_cache(p, 'sample:train', num_samples=12, gt_size=128, seed=0, progress=False)
+
+
+def test_model_trains_through_the_loop_exports_and_predictor_round_trips(tmp_path, small_cache):
+    from dalpsr.data.lr_cache import CachedLRDataset
+    from dalpsr.models.irpad_model import IRPADPredictor
+    from dalpsr.train import train
+    res = train(_model_opt(tmp_path, small_cache, train_crop=16))
+    assert res['step'] == 6 and all(np.isfinite(res['losses']))
+    for key in ('acc/blur', 'bacc/noise', 'within1/jpeg', 'bacc/mean'):
+        assert 0.0 <= res['val'][key] <= 1.0
+    export = res['export']
+    assert os.path.isfile(os.path.join(export, 'irpad.safetensors'))
+    pred = IRPADPredictor.from_pretrained(str(export))
+    ds = CachedLRDataset(small_cache)
+    lq = torch.stack([ds[i]['lq'] for i in range(3)])
+    net = res['model'].unwrap(res['model'].net).eval()
+    with torch.no_grad():
+        ref = net(lq)
+    assert torch.allclose(pred.predict_logits(lq), ref, atol=1e-5)
+    labels = pred.predict_labels(lq)
+    assert labels.dtype == torch.long and labels.shape == (3, 3)
+    assert torch.equal(labels, ref.argmax(-1))
+    prompts = pred.predict_prompt(lq)
+    assert [pred.spec.parse(p) for p in prompts] == labels.tolist()
+    assert torch.allclose(pred.predict_probs(lq).sum(-1), torch.ones(3, 3), atol=1e-5)
+    with pytest.raises(ValueError, match=r'\[B, 3, h, w\]'):
+        pred.predict_labels(lq[0])
+
+
+def test_predictor_missing_or_mismatched_checkpoint(tmp_path):
+    from dalpsr.models.irpad_model import IRPADPredictor, save_irpad
+    with pytest.raises(FileNotFoundError, match='irpad.json not found'):
+        IRPADPredictor.from_pretrained(str(tmp_path))
+    net = IRPAD(3, 5, [[f'{t} {k}' for k in range(5)] for t in 'abc'], **TINY)
+    save_irpad(net, {'types': ['blur', 'noise', 'jpeg'], 'num_intervals': 4}, str(tmp_path / 'x'))
+    with pytest.raises(ValueError, match='does not match the network'):
+        IRPADPredictor.from_pretrained(str(tmp_path / 'x'))
+
+
+def test_model_rejects_unknown_keys_and_losses(small_cache, tmp_path):
+    from dalpsr.models.irpad_model import IRPADModel
+    from dalpsr.utils.options import OptionError
+    with pytest.raises(OptionError, match="unknown key 'label_smothing'"):
+        IRPADModel(_model_opt(tmp_path, small_cache, label_smothing=0.1))
+    with pytest.raises(OptionError, match="'num_intervals' comes from the prompt spec"):
+        IRPADModel(_model_opt(tmp_path, small_cache, network={**TINY, 'num_intervals': 3}))
+    m = IRPADModel(_model_opt(tmp_path, small_cache, ordinal_sigma=0.5, prompt={'num_intervals': 4}))
+    logits = torch.zeros(2, 3, 4, requires_grad=True)
+    y = torch.tensor([[0, 1, 2], [3, 3, 0]])
+    loss = m.loss_fn(logits, y)
+    assert loss.item() == pytest.approx(np.log(4), rel=1e-5)  # uniform scores: cross-entropy = log K
+    loss.backward()
+    # ordinal soft targets: the true interval is pushed up most, its neighbours less than far ones
+    # are pushed down (plain cross-entropy treats all wrong intervals alike)
+    g = -logits.grad[0, 1]
+    assert g[1] > 0 > g[0] > g[3] and torch.isclose(g[0], g[2])
+

@@ -1,1 +1,294 @@
-"""Placeholder: filled in by its owner (see docs/DEVELOPMENT.md)."""
+"""IRPAD training model (for the loop in dalpsr/train.py) and the inference API.
+
+* ``IRPADModel`` (registered): trains :class:`dalpsr.archs.irpad_arch.IRPAD` as fine-grained
+  retrieval of the right interval prompt per degradation type (cross-entropy over the K
+  intervals of each type, averaged over types), validates per-type accuracy, balanced
+  accuracy and within-one-interval accuracy, and exports ``irpad.json`` +
+  ``irpad.safetensors``.
+* ``IRPADPredictor.from_pretrained(dir_or_file)``: ``predict_labels(lq) -> [B, T]``,
+  ``predict_prompt(lq) -> List[str]`` (the C2 prompt format), used by training of the
+  diffusion model (optional p_r from predictions) and by test.py.
+* ``confusion_metrics``: the numbers that validate() and scripts/eval_irpad.py report.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dalpsr.models.base_model import BaseModel
+from dalpsr.utils.registry import MODEL_REGISTRY
+
+__all__ = ['IRPADModel', 'IRPADPredictor', 'build_irpad', 'confusion_metrics', 'confusion_matrices',
+           'save_irpad', 'load_irpad', 'CONFIG_NAME', 'WEIGHTS_NAME']
+
+CONFIG_NAME = 'irpad.json'
+WEIGHTS_NAME = 'irpad.safetensors'
+
+
+def _spec_from_opt(prompt_opt):
+    from dalpsr.data.prompt_labels import PromptSpec
+    return PromptSpec.from_opt(prompt_opt)
+
+
+def build_irpad(spec, network: Optional[Dict[str, Any]] = None):
+    """IRPAD for the types/intervals/phrases of a ``PromptSpec``; ``network`` holds the other
+    IRPAD kwargs (image_encoder, prompt_embedding, embed_dim, ...)."""
+    from dalpsr.archs.irpad_arch import IRPAD
+    from dalpsr.utils.registry import check_call_kwargs
+    network = dict(network or {})
+    network.pop('type', None)
+    for key in ('num_types', 'num_intervals', 'candidates'):
+        if key in network:
+            from dalpsr.utils.options import OptionError
+            raise OptionError(f"model.network: '{key}' comes from the prompt spec (model.prompt); remove it")
+    check_call_kwargs(IRPAD, network, 'model.network (IRPAD)')
+    return IRPAD(num_types=len(spec.types), num_intervals=spec.num_intervals, candidates=spec.candidates(),
+                 **network)
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------
+def confusion_matrices(pred: torch.Tensor, target: torch.Tensor, num_intervals: int) -> np.ndarray:
+    """pred, target: int [N, T] -> counts [T, K, K] (row: true interval, column: predicted)."""
+    pred = torch.as_tensor(pred).long().cpu().numpy()
+    target = torch.as_tensor(target).long().cpu().numpy()
+    T = target.shape[1]
+    conf = np.zeros((T, num_intervals, num_intervals), dtype=np.int64)
+    for t in range(T):
+        np.add.at(conf[t], (target[:, t], pred[:, t]), 1)
+    return conf
+
+
+def confusion_metrics(conf: np.ndarray, types: Sequence[str]) -> Dict[str, float]:
+    """Per type ``t``: ``acc/t`` (fraction correct), ``bacc/t`` (balanced accuracy: mean recall
+    over the intervals that occur), ``within1/t`` (|pred - true| <= 1); and their means over
+    types as ``acc/mean``, ``bacc/mean``, ``within1/mean``. conf: [T, K, K] counts."""
+    out: Dict[str, float] = {}
+    K = conf.shape[-1]
+    near = np.abs(np.arange(K)[:, None] - np.arange(K)[None, :]) <= 1
+    for t, name in enumerate(types):
+        c = conf[t].astype(np.float64)
+        n = c.sum()
+        rows = c.sum(1)
+        present = rows > 0
+        out[f'acc/{name}'] = float(np.trace(c) / n) if n else float('nan')
+        out[f'bacc/{name}'] = float(np.mean(np.diag(c)[present] / rows[present])) if present.any() else float('nan')
+        out[f'within1/{name}'] = float(c[near].sum() / n) if n else float('nan')
+    for key in ('acc', 'bacc', 'within1'):
+        out[f'{key}/mean'] = float(np.mean([out[f'{key}/{n}'] for n in types]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# save / load
+# --------------------------------------------------------------------------------------------
+def save_irpad(net, prompt_opt: Optional[Dict[str, Any]], out_dir: str, extra: Optional[Dict[str, Any]] = None):
+    """Write ``out_dir/irpad.json`` (arch config + prompt options) and ``out_dir/irpad.safetensors``
+    atomically."""
+    from safetensors.torch import save_file
+    from dalpsr.utils.misc import atomic_path, atomic_write_json
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    with atomic_path(os.path.join(out_dir, WEIGHTS_NAME)) as tmp:
+        save_file(state, str(tmp))
+    meta = {'format': 'dalpsr-irpad-1', 'arch': net.config, 'prompt': prompt_opt or {}}
+    meta.update(extra or {})
+    atomic_write_json(os.path.join(out_dir, CONFIG_NAME), meta)
+
+
+def load_irpad(path: str, map_location='cpu'):
+    """Load what :func:`save_irpad` wrote. ``path``: the folder, or its irpad.safetensors /
+    irpad.json. Returns ``(net in eval mode, PromptSpec, meta)``."""
+    from safetensors.torch import load_file
+    from dalpsr.archs.irpad_arch import IRPAD
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or '.'
+    cfg_path, w_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
+    for p in (cfg_path, w_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"IRPAD checkpoint incomplete: {p} not found (an IRPAD export folder holds "
+                                    f"{CONFIG_NAME} and {WEIGHTS_NAME}; train one with "
+                                    "options/train/train_irpad_cpu.yml)")
+    with open(cfg_path, encoding='utf-8') as f:
+        meta = json.load(f)
+    if meta.get('format') != 'dalpsr-irpad-1':
+        raise ValueError(f"{cfg_path}: not an IRPAD config (format {meta.get('format')!r})")
+    net = IRPAD(**meta['arch'])
+    state = load_file(w_path, device='cpu')
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    # non-persistent buffers (normalisation constants) are not in the file; anything else is an error
+    missing = [k for k in missing if not k.endswith(('.mean', '.std'))]
+    if missing or unexpected:
+        raise ValueError(f"{w_path}: weights do not match the config (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    spec = _spec_from_opt(meta.get('prompt') or None)
+    if len(spec.types) != net.num_types or spec.num_intervals != net.num_intervals:
+        raise ValueError(f"{cfg_path}: prompt spec ({len(spec.types)} types x {spec.num_intervals}) does not "
+                         f"match the network ({net.num_types} x {net.num_intervals})")
+    return net.to(map_location).eval(), spec, meta
+
+
+# --------------------------------------------------------------------------------------------
+# training model
+# --------------------------------------------------------------------------------------------
+@MODEL_REGISTRY.register()
+class IRPADModel(BaseModel):
+    """Options block ``model`` (documented in options/reference/irpad.yml)::
+
+        model:
+          type: IRPADModel
+          prompt: {...}          # PromptSpec options; default: datasets.train.prompt
+          network: {image_encoder: {...}, prompt_embedding: {...}, embed_dim: 128, ...}
+          label_smoothing: 0.0
+          ordinal_sigma: 0.0     # >0: soft targets exp(-(k - y)^2 / (2 s^2)) over intervals
+          train_crop: 64         # random crop of the LR per batch (0: full LR)
+          pretrained: null       # an IRPAD export folder to start from
+
+    Batch keys used: ``lq`` [B, 3, h, w] in [0, 1], ``labels`` int64 [B, T].
+    """
+
+    KEYS = {'type', 'prompt', 'network', 'label_smoothing', 'ordinal_sigma', 'train_crop', 'pretrained'}
+
+    def __init__(self, opt: Dict[str, Any], accelerator=None):
+        super().__init__(opt, accelerator)
+        from dalpsr.utils.options import OptionError, check_keys, get_opt
+        mopt = get_opt(opt, 'model')
+        src = opt.get('_source', 'the options')
+        check_keys(mopt, self.KEYS, f'model block of {src}')
+        self.prompt_opt = mopt.get('prompt', get_opt(opt, 'datasets.train.prompt', None))
+        self.spec = _spec_from_opt(self.prompt_opt)
+        self.types = list(self.spec.types)
+        self.K = int(self.spec.num_intervals)
+        self.net = build_irpad(self.spec, mopt.get('network'))
+        if mopt.get('pretrained'):
+            src_net, _, _ = load_irpad(mopt['pretrained'])
+            self.net.load_state_dict(src_net.state_dict())
+        self.net.to(self.device)
+        self.label_smoothing = float(mopt.get('label_smoothing', 0.0))
+        self.ordinal_sigma = float(mopt.get('ordinal_sigma', 0.0))
+        self.train_crop = int(mopt.get('train_crop', 0) or 0)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise OptionError(f'model.label_smoothing in {src} must be in [0, 1), got {self.label_smoothing}')
+        self.seed = int(opt.get('seed', opt.get('manual_seed', 0)) or 0)
+
+    def trainable_modules(self):
+        return {'net': self.net}
+
+    # ---- loss --------------------------------------------------------------------------
+    def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """logits [B, T, K], labels int [B, T] -> scalar (mean over types of the per-type loss)."""
+        flat, y = logits.reshape(-1, self.K), labels.reshape(-1).long()
+        if self.ordinal_sigma > 0:
+            k = torch.arange(self.K, device=flat.device, dtype=flat.dtype)
+            soft = torch.exp(-(k[None] - y[:, None].to(flat.dtype)) ** 2 / (2 * self.ordinal_sigma ** 2))
+            soft = soft / soft.sum(1, keepdim=True)
+            return -(soft * F.log_softmax(flat, -1)).sum(1).mean()
+        return F.cross_entropy(flat, y, label_smoothing=self.label_smoothing)
+
+    def _crop(self, lq: torch.Tensor, step: int) -> torch.Tensor:
+        c = self.train_crop
+        h, w = lq.shape[-2:]
+        if c <= 0 or (h <= c and w <= c):
+            return lq
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
+        ys = torch.randint(0, max(h - c, 0) + 1, (lq.shape[0],), generator=g)
+        xs = torch.randint(0, max(w - c, 0) + 1, (lq.shape[0],), generator=g)
+        return torch.stack([lq[i, :, y:y + c, x:x + c] for i, (y, x) in enumerate(zip(ys.tolist(), xs.tolist()))])
+
+    def training_step(self, batch: Dict[str, Any], step: int) -> Dict[str, Any]:
+        lq = self._crop(batch['lq'], step).to(self.device, non_blocking=True)
+        labels = batch['labels'].to(self.device).long()
+        logits = self.net(lq)
+        loss = self.loss_fn(logits, labels)
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == labels).float().mean(0)
+        out = {'loss': loss}
+        for t, name in enumerate(self.types):
+            out[f'acc_{name}'] = float(correct[t])
+        return out
+
+    # ---- validation --------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_loader(self, loader):
+        """(pred [N, T], labels [N, T]) over a loader (this process's share)."""
+        net = self.net
+        was_training = net.training
+        net.eval()
+        preds, labels = [], []
+        for batch in loader:
+            preds.append(net(batch['lq'].to(self.device)).argmax(-1).cpu())
+            labels.append(batch['labels'].long().cpu())
+        net.train(was_training)
+        return torch.cat(preds), torch.cat(labels)
+
+    @torch.no_grad()
+    def validate(self, loader, step: int, writer=None) -> Dict[str, float]:
+        pred, labels = self.predict_loader(loader)
+        if self.accelerator is not None and getattr(self.accelerator, 'num_processes', 1) > 1:
+            pred = self.accelerator.gather_for_metrics(pred.to(self.device)).cpu()
+            labels = self.accelerator.gather_for_metrics(labels.to(self.device)).cpu()
+        conf = confusion_matrices(pred, labels, self.K)
+        return confusion_metrics(conf, self.types)
+
+    # ---- export ------------------------------------------------------------------------
+    def export(self, out_dir: str) -> None:
+        save_irpad(self.unwrap(self.net), self.spec.to_opt(), out_dir,
+                   extra={'trained_with': self.opt.get('_source'), 'name': self.opt.get('name')})
+
+
+# --------------------------------------------------------------------------------------------
+# inference API (C7)
+# --------------------------------------------------------------------------------------------
+class IRPADPredictor:
+    """Degradation prompt from LR images with a trained IRPAD.
+
+    >>> pred = IRPADPredictor.from_pretrained('experiments/irpad_cpu/export')   # doctest: +SKIP
+    >>> pred.predict_prompt(lq)   # lq [B, 3, h, w] in [0, 1]                    # doctest: +SKIP
+    ['Deblur with sigma 0.5~0.75, Denoise with sigma 0~0.25, Dejpeg with sigma 0.25~0.5', ...]
+    """
+
+    def __init__(self, net, spec, device='cpu', meta: Optional[Dict[str, Any]] = None):
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+        self.spec = spec
+        self.meta = meta or {}
+
+    @classmethod
+    def from_pretrained(cls, path_or_dir: str, device='cpu') -> 'IRPADPredictor':
+        net, spec, meta = load_irpad(path_or_dir)
+        return cls(net, spec, device, meta)
+
+    @property
+    def types(self) -> List[str]:
+        return list(self.spec.types)
+
+    def _check(self, lq: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(lq) or lq.dim() != 4 or lq.shape[1] != 3:
+            raise ValueError(f'IRPADPredictor expects lq as a tensor [B, 3, h, w] in [0, 1], got '
+                             f'{tuple(lq.shape) if torch.is_tensor(lq) else type(lq).__name__}')
+        return lq.to(self.device, torch.float32)
+
+    @torch.no_grad()
+    def predict_logits(self, lq: torch.Tensor) -> torch.Tensor:
+        """lq [B, 3, h, w] in [0, 1] -> scores [B, T, K]."""
+        return self.net(self._check(lq))
+
+    @torch.no_grad()
+    def predict_probs(self, lq: torch.Tensor) -> torch.Tensor:
+        """lq [B, 3, h, w] in [0, 1] -> per-type interval probabilities [B, T, K] (sum 1 over K)."""
+        return self.predict_logits(lq).softmax(-1)
+
+    @torch.no_grad()
+    def predict_labels(self, lq: torch.Tensor) -> torch.LongTensor:
+        """lq [B, 3, h, w] in [0, 1] -> LongTensor [B, T] (interval 0..K-1 per type, order of spec.types)."""
+        return self.predict_logits(lq).argmax(-1).cpu()
+
+    @torch.no_grad()
+    def predict_prompt(self, lq: torch.Tensor) -> List[str]:
+        """lq [B, 3, h, w] in [0, 1] -> one restoration prompt per image (``spec.prompt``)."""
+        return [self.spec.prompt([int(v) for v in row]) for row in self.predict_labels(lq).tolist()]
