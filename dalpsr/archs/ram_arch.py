@@ -392,10 +392,11 @@ class RAMTagger(nn.Module):
 
 
 def ram_preprocess(images: torch.Tensor, image_size: int = 384) -> torch.Tensor:
-    """[B,3,H,W] RGB in [0,1] (any size) -> [B,3,S,S] resized (bicubic, antialiased) and normalised."""
+    """[B,3,H,W] RGB in [0,1] (any size) -> [B,3,S,S] resized and normalised, as RAM's own
+    transform does (``Resize((S, S))``: bilinear, antialiased; ImageNet mean/std)."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f'expected images [B,3,H,W], got {tuple(images.shape)}')
-    x = F.interpolate(images.float(), size=(image_size, image_size), mode='bicubic', align_corners=False,
+    x = F.interpolate(images.float(), size=(image_size, image_size), mode='bilinear', align_corners=False,
                       antialias=True).clamp(0, 1)
     mean = torch.tensor(RAM_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(RAM_STD, device=x.device).view(1, 3, 1, 1)

@@ -29,17 +29,17 @@ def resolve_dtype(dtype: str, device) -> torch.dtype:
     return table[dtype]
 
 
-def to_batch(images: Images, size: int) -> torch.Tensor:
-    """Images in [0,1] -> float tensor ``[B,3,size,size]`` (bicubic, antialiased)."""
+def to_batch(images: Images, size: int, mode: str = 'bicubic') -> torch.Tensor:
+    """Images in [0,1] -> float tensor ``[B,3,size,size]`` (``mode`` interpolation, antialiased)."""
     if isinstance(images, torch.Tensor):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f'expected [B,3,H,W] images, got {tuple(images.shape)}')
-        return F.interpolate(images.float(), size=(size, size), mode='bicubic', antialias=True,
+        return F.interpolate(images.float(), size=(size, size), mode=mode, antialias=True,
                              align_corners=False).clamp(0, 1)
     out = []
     for img in images:
         t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)[None]
-        out.append(to_batch(t, size))
+        out.append(to_batch(t, size, mode))
     return torch.cat(out)
 
 
@@ -69,12 +69,10 @@ class RAMTaggerBackend:
 
     @torch.no_grad()
     def probabilities(self, images: Images) -> torch.Tensor:
-        """[B, num_tags] sigmoid probabilities in [0,1]."""
-        from dalpsr.archs.ram_arch import RAM_MEAN, RAM_STD
-        x = to_batch(images, self.model.image_size).to(self.device)
-        mean = torch.tensor(RAM_MEAN, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(RAM_STD, device=self.device).view(1, 3, 1, 1)
-        return torch.sigmoid(self.model(((x - mean) / std).to(self.dtype)).float())
+        """[B, num_tags] sigmoid probabilities in [0,1] (input prepared like RAM's own transform)."""
+        from dalpsr.archs.ram_arch import ram_preprocess
+        x = ram_preprocess(to_batch(images, self.model.image_size, 'bilinear').to(self.device), self.model.image_size)
+        return torch.sigmoid(self.model(x.to(self.dtype)).float())
 
     def __call__(self, images: Images) -> List[List[str]]:
         probs = self.probabilities(images)
