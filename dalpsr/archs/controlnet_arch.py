@@ -170,7 +170,7 @@ def controlled_unet(unet, controlnet, x_t: torch.Tensor, t: torch.Tensor, emb: t
     ``x_t`` [B,4,h,w], ``t`` [B] long, ``emb`` [B,L,D], ``cond`` from :func:`prepare_condition`."""
     down, mid = controlnet(x_t, t, encoder_hidden_states=emb, controlnet_cond=cond,
                            conditioning_scale=conditioning_scale, return_dict=False)
-    dtype = unet.dtype
+    dtype = getattr(unet, 'module', unet).dtype  # unet may be wrapped (DDP)
     return unet(x_t.to(dtype), t, encoder_hidden_states=emb.to(dtype),
                 down_block_additional_residuals=[d.to(dtype) for d in down],
                 mid_block_additional_residual=mid.to(dtype)).sample

@@ -251,7 +251,7 @@ def build_tiny_sd(out_dir, seed: int = 0, prediction_type: str = 'epsilon', over
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; refusing to overwrite it (pass overwrite=True)")
+        raise FileExistsError(f"{out} exists and is not empty; refusing to overwrite it (pass --overwrite / overwrite=True)")
     tmp = out.with_name(f'.{out.name}.tmp{os.getpid()}')
     if tmp.exists():
         import shutil

@@ -334,7 +334,7 @@ class DaLPSRSampler:
                  start: str = 'lr', start_step: int = 999, conditioning_scale: float = 1.0,
                  seed: Union[int, Sequence[int]] = 0, tile: Union[None, Dict[str, Any], TileOptions] = None,
                  color_fix: str = 'adain', noise_guidance_steps: int = 1,
-                 scheduler_overrides: Optional[Dict[str, Any]] = None,
+                 scheduler_overrides: Optional[Dict[str, Any]] = None, output: str = 'image',
                  callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
         """Super-resolve ``lq`` [B,3,h,w] in [0,1] -> [B,3,h*scale,w*scale] in [0,1] (float32, CPU).
 
@@ -342,6 +342,8 @@ class DaLPSRSampler:
         ``prompts`` are complete positive prompts (compose caption, restoration prompt and the
         added prompt before, e.g. with ``dalpsr.data.prompt_compose.compose_prompt``).
         ``guidance_scale <= 1`` disables classifier-free guidance (one branch only).
+        ``output='latent'`` returns the final scaled latent [B,4,H'/8,W'/8] (padded size, fp32)
+        instead of decoding it.
         """
         if not isinstance(lq, torch.Tensor) or lq.dim() != 4 or lq.shape[1] != 3:
             raise ValueError(f'lq must be a [B, 3, h, w] tensor, got '
@@ -410,9 +412,13 @@ class DaLPSRSampler:
             lat = sched.step(out, t, lat, return_dict=False, **kw)[0].float()
             if callback is not None:
                 callback(i, n)
+        self.last_stats['timesteps'] = [int(t) for t in timesteps]
+        if output == 'latent':
+            return lat
+        if output != 'image':
+            raise ValueError(f"output must be 'image' or 'latent', got '{output}'")
         img = self.decode(lat, tile)[:, :, :H, :W].cpu()
         img = apply_color_fix(img, x_up, color_fix)
-        self.last_stats['timesteps'] = [int(t) for t in timesteps]
         return img.float().clamp(0, 1)
 
 

@@ -1,0 +1,225 @@
+"""DaLPSRModel through the shared loop (dalpsr/train.py) on a tiny SD stand-in: the loss on a
+fixed batch drops, frozen parts stay bit-identical, stop+resume equals an uninterrupted run,
+export loads; prompt composition and options files."""
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from dalpsr.data.prompt_compose import PromptComposer, compose_prompt
+from dalpsr.utils.misc import sample_rng
+from dalpsr.utils.options import OptionError
+from dalpsr.utils.registry import DATASET_REGISTRY
+
+REPO = Path(__file__).resolve().parents[1]
+_SPEC_PHRASES = ['Deblur with sigma 0~0.25', 'Deblur with sigma 0.75~1']
+
+
+@DATASET_REGISTRY.register()
+class TinySRTriplets(torch.utils.data.Dataset):
+    """C3-shaped items from a fixed real photograph: 32x32 HR crops, x4 area-downsampled LR
+    (+ noise whose level is the restoration label), everything from ``sample_rng(seed, i)``."""
+
+    def __init__(self, length: int = 4, size: int = 32, seed: int = 0):
+        from skimage import data as skdata
+        img = torch.from_numpy(skdata.astronaut().astype(np.float32) / 255).permute(2, 0, 1)[None]
+        self.img = F.interpolate(img, size=(96, 96), mode='area')[0]
+        self.length, self.size, self.seed = int(length), int(size), int(seed)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        item = int(i) % self.length
+        rng = sample_rng(self.seed, item)
+        y, x = (int(v) for v in rng.integers(0, 96 - self.size, 2))
+        gt = self.img[:, y:y + self.size, x:x + self.size].contiguous()
+        label = int(rng.integers(0, 2))
+        lq = F.interpolate(gt[None], scale_factor=0.25, mode='area')[0]
+        lq = (lq + (0.1 * label) * torch.from_numpy(rng.standard_normal(lq.shape).astype(np.float32))).clamp(0, 1)
+        return {'gt': gt, 'lq': lq, 'labels': torch.tensor([label]), 'prompt': _SPEC_PHRASES[label],
+                'caption': 'a woman in a space suit' if item % 2 else '', 'params': '{}', 'key': f'k{item}',
+                'index': int(i)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='module')
+def tiny_sd(tmp_path_factory):
+    from dalpsr.archs.sd_components import build_tiny_sd
+    return build_tiny_sd(tmp_path_factory.mktemp('sd') / 'tiny_sd', seed=0)
+
+
+def _opt(root, sd, name='dal', **train):
+    t = {'total_iter': 6, 'batch_size': 2, 'num_workers': 0, 'optimizer': {'type': 'Adam', 'lr': 1e-2},
+         'scheduler': {'type': 'constant', 'warmup_iter': 0}, 'max_grad_norm': 1.0, 'checkpoint_freq': 100,
+         'val_freq': 0, 'print_freq': 100, 'cpu': True, 'tensorboard': False, 'progress_bar': False}
+    t.update(train)
+    return {'name': name, 'seed': 3, 'imports': ['tests.test_dalpsr_model'], 'path': {'experiments_root': str(root)},
+            'model': {'type': 'DaLPSRModel', 'sd': {'pretrained': sd},
+                      'controlnet': {'condition_mode': 'latent', 'conditioning_embedding_out_channels': [16]},
+                      'prompt': {'empty_dropout': 0.2, 'caption_dropout': 0.3}, 'gradient_checkpointing': False,
+                      'val': {'num_images': 1, 'num_steps': 2, 'loss_timesteps': [200, 700]}},
+            'datasets': {'train': {'type': 'TinySRTriplets', 'length': 2},
+                         'val': {'type': 'TinySRTriplets', 'length': 2, 'seed': 5}},
+            'train': t, '_source': '<dalpsr test options>', '_args': {'resume': 'auto', 'force': False}}
+
+
+def _build(opt):
+    from dalpsr.models import build_model
+    from dalpsr.utils.misc import set_random_seed
+    set_random_seed(opt['seed'])
+    return build_model(opt, None)
+
+
+def _fixed_batch():
+    ds = TinySRTriplets(length=2)
+    return torch.utils.data.default_collate([ds[0], ds[1]])
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_training_lowers_fixed_batch_loss_and_keeps_frozen_parts(tiny_sd, tmp_path):
+    from dalpsr.archs.controlnet_arch import load_dalpsr_export
+    from dalpsr.train import train
+    opt = _opt(tmp_path, tiny_sd, total_iter=8, val_freq=8)
+    before = _build(copy.deepcopy(opt))
+    assert list(before.trainable_modules()) == ['controlnet']
+    batch = _fixed_batch()
+    loss0 = before.fixed_batch_loss(batch, (200, 700))
+    frozen0 = {n: _state(getattr(before, n)) for n in ('unet', 'vae', 'text_encoder')}
+    cn0 = _state(before.controlnet)
+
+    res = train(copy.deepcopy(opt))
+    model = res['model']
+    assert res['step'] == 8 and all(np.isfinite(res['losses']))
+    loss1 = model.fixed_batch_loss(batch, (200, 700))
+    assert loss1 < 0.9 * loss0, (loss0, loss1)
+    for n, ref in frozen0.items():
+        now = _state(getattr(model, n))
+        assert all(torch.equal(ref[k], now[k]) for k in ref), n
+    cn1 = _state(model.unwrap(model.controlnet))
+    assert any(not torch.equal(cn0[k], cn1[k]) for k in cn0)
+    assert set(res['val']) == {'loss', 'psnr'} and np.isfinite(res['val']['loss'])
+
+    cn, meta = load_dalpsr_export(res['export'])
+    assert meta['condition_mode'] == 'latent' and meta['scale'] == 4
+    assert meta['sd']['pretrained'] == tiny_sd and meta['prediction_type'] == 'epsilon'
+    assert PromptComposer.from_opt(meta['prompt']).empty_dropout == 0.2
+    exp = cn.state_dict()
+    assert all(torch.equal(exp[k], cn1[k]) for k in cn1)
+
+
+def test_stop_and_resume_equals_uninterrupted(tiny_sd, tmp_path):
+    from dalpsr.train import train
+    full = train(_opt(tmp_path / 'a', tiny_sd, total_iter=4, export=False))
+    part = train(_opt(tmp_path / 'b', tiny_sd, total_iter=4, stop_after_iter=2, export=False))
+    assert part['step'] == 2
+    resumed = train(_opt(tmp_path / 'b', tiny_sd, total_iter=4, export=False))
+    assert resumed['step'] == 4 and len(resumed['losses']) == 2
+    assert resumed['losses'] == full['losses'][2:]
+    a = _state(full['model'].unwrap(full['model'].controlnet))
+    b = _state(resumed['model'].unwrap(resumed['model'].controlnet))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trainable_patterns_and_bad_options(tiny_sd, tmp_path):
+    opt = _opt(tmp_path, tiny_sd)
+    opt['model']['trainable'] = ['controlnet', 'unet.up_blocks.*.attentions.*.transformer_blocks.*.attn2.to_k*']
+    opt['model']['gradient_checkpointing'] = False
+    m = _build(opt)
+    assert list(m.trainable_modules()) == ['controlnet', 'unet']
+    names = [n for n, p in m.unet.named_parameters() if p.requires_grad]
+    assert names and all('attn2.to_k' in n and n.startswith('up_blocks') for n in names)
+    assert m.unet.dtype == torch.float32
+    out = m.training_step(_fixed_batch(), 0)
+    out['loss'].backward()
+    assert all(p.grad is not None for n, p in m.unet.named_parameters() if p.requires_grad)
+    assert all(p.grad is None for n, p in m.unet.named_parameters() if not p.requires_grad)
+
+    for key, val, msg in [('trainable', ['nothing.here'], 'matches no parameter'),
+                          ('trainable', ['vae'], 'VAE'),
+                          ('restoration_prompt_source', 'llava', 'restoration_prompt_source'),
+                          ('conditionmode', 'latent', "unknown key 'conditionmode'")]:
+        bad = _opt(tmp_path, tiny_sd)
+        bad['model'][key] = val
+        with pytest.raises(OptionError, match=msg):
+            _build(bad)
+    bad = _opt(tmp_path, tiny_sd)
+    bad['model']['prompt'] = {'order': ['caption', 'tags']}
+    with pytest.raises(OptionError, match='order'):
+        _build(bad)
+
+
+def test_v_prediction_target_and_bf16_frozen_parts(tmp_path):
+    from dalpsr.archs.sd_components import build_tiny_sd
+    sd = build_tiny_sd(tmp_path / 'v', seed=0, prediction_type='v_prediction')
+    opt = _opt(tmp_path, sd)
+    opt['model']['frozen_dtype'] = 'bf16'
+    m = _build(opt)
+    assert m.prediction_type == 'v_prediction' and m.unet.dtype == torch.bfloat16
+    assert m.controlnet.dtype == torch.float32
+    z0, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    t = torch.tensor([10, 900])
+    ac = m.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(m.target(z0, noise, t), ac.sqrt() * noise - (1 - ac).sqrt() * z0)
+    out = m.training_step(_fixed_batch(), 0)
+    assert torch.isfinite(out['loss'])
+
+
+def test_prompt_composition():
+    pr, cap = 'Deblur with sigma 0.5~0.75, Denoise with sigma 0~0.25', 'A red car on a street.'
+    assert compose_prompt(cap, pr) == f'{pr}. A red car on a street.'
+    assert compose_prompt(cap, pr, {'order': ['caption', 'restoration'], 'separator': '. '}) == \
+        f'A red car on a street. {pr}'
+    assert compose_prompt(cap, pr, {'use_restoration': False}) == cap          # w/o IRPAD
+    assert compose_prompt(cap, pr, {'use_caption': False}) == pr               # w/o MLLM
+    assert compose_prompt(cap, pr, {'use_caption': False, 'use_restoration': False}) == ''
+    assert compose_prompt('', pr, {'added_prompt': 'clean, 8k'}) == f'{pr}. clean, 8k'
+    assert compose_prompt(cap, pr, drop=['caption']) == pr
+    assert compose_prompt(cap, pr, drop=['empty']) == ''
+    with pytest.raises(OptionError, match='unknown key'):
+        compose_prompt(cap, pr, {'sep': ', '})
+    with pytest.raises(ValueError, match='empty_dropout'):
+        PromptComposer(empty_dropout=1.5)
+    # dropout rates are honoured and depend only on the generator
+    c = PromptComposer(empty_dropout=0.1, caption_dropout=0.5, restoration_dropout=0.0)
+    drops = [c.sample_drops(sample_rng(0, i, 7)) for i in range(4000)]
+    assert abs(np.mean(['empty' in d for d in drops]) - 0.1) < 0.02
+    assert abs(np.mean(['caption' in d for d in drops]) - 0.5) < 0.03
+    assert not any('restoration' in d for d in drops)
+    assert drops[:50] == [c.sample_drops(sample_rng(0, i, 7)) for i in range(50)]
+
+
+def test_options_files_are_valid_and_ablations_differ():
+    from dalpsr.models.dalpsr_model import DEFAULTS
+    from dalpsr.utils.options import check_keys, load_options
+    want = {'train_dalpsr_sd21.yml': (True, True), 'train_dalpsr_sd21_wo_irpad.yml': (True, False),
+            'train_dalpsr_sd21_wo_mllm.yml': (False, True), 'train_dalpsr_sd21_wo_both.yml': (False, False),
+            'train_dalpsr_tiny.yml': (True, True)}
+    for name, (use_cap, use_rp) in want.items():
+        opt = load_options(str(REPO / 'options' / 'train' / name))
+        m = dict(opt['model'])
+        assert m.pop('type') == 'DaLPSRModel'
+        check_keys(m, DEFAULTS, name)
+        c = PromptComposer.from_opt(m.get('prompt'))
+        assert (c.use_caption, c.use_restoration) == (use_cap, use_rp), name
+        if name != 'train_dalpsr_tiny.yml':  # the paper's settings
+            assert opt['train']['optimizer']['type'] == 'Adam' and opt['train']['optimizer']['lr'] == 2e-5
+            assert opt['train']['batch_size'] == 4 and opt['train']['total_iter'] == 100000
+            assert opt['datasets']['train']['gt_size'] == 512
+            assert m['sd']['pretrained'] == 'stabilityai/stable-diffusion-2-1-base'
