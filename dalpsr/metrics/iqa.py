@@ -535,16 +535,8 @@ class MetricSet:
 
 def _read(path: str) -> Tuple[np.ndarray, bool]:
     """dalpsr.utils.img_io.read_image rules, plus whether the file is plain 8-bit 3-channel."""
-    import cv2
-    from dalpsr.utils.img_io import ImageReadError, to_rgb_float
-    if not os.path.isfile(path):
-        raise ImageReadError(f"{path}: file not found")
-    data = np.fromfile(path, dtype=np.uint8)
-    if data.size == 0:
-        raise ImageReadError(f"{path}: empty file")
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ImageReadError(f"{path}: not a readable image (corrupt, truncated or unsupported format)")
+    from dalpsr.utils.img_io import decode_file, to_rgb_float
+    img = decode_file(path)
     plain = img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
     return to_rgb_float(img, path), plain
 

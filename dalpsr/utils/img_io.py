@@ -34,8 +34,9 @@ class ImageReadError(RuntimeError):
     """An image that cannot be decoded; ``str(err)`` names the file and the reason."""
 
 
-def read_image(path: PathLike) -> np.ndarray:
-    """Read any supported image as RGB float32 (H, W, 3) in [0, 1] (rules in module doc)."""
+def decode_file(path: PathLike) -> np.ndarray:
+    """Decode a file as stored (cv2 ``IMREAD_UNCHANGED``: BGR/BGRA/gray, uint8/uint16/float).
+    Raises ImageReadError (naming the file) when missing, empty or undecodable."""
     path = str(path)
     if not os.path.isfile(path):
         raise ImageReadError(f"{path}: file not found")
@@ -45,7 +46,12 @@ def read_image(path: PathLike) -> np.ndarray:
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise ImageReadError(f"{path}: not a readable image (corrupt, truncated or unsupported format)")
-    return to_rgb_float(img, path)
+    return img
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Read any supported image as RGB float32 (H, W, 3) in [0, 1] (rules in module doc)."""
+    return to_rgb_float(decode_file(path), str(path))
 
 
 def to_rgb_float(img: np.ndarray, name: str = '<array>') -> np.ndarray:
