@@ -147,6 +147,17 @@ def _read_meta_info(meta_info: str, root: Optional[str]) -> List[Path]:
     return out
 
 
+def _expand_root(root: Union[str, os.PathLike]) -> List[Path]:
+    """Images of one ``dataroot_gt`` entry: a folder (scanned recursively), an image file, or
+    ``'sample:train'`` / ``'sample:val'`` / ``'sample:all'`` (photos shipped in installed packages)."""
+    if isinstance(root, str) and root.startswith('sample:'):
+        from dalpsr.data.sample_images import sample_image_paths
+        return [Path(p) for p in sample_image_paths(root.split(':', 1)[1])]
+    if os.path.isfile(root) and is_image_file(root):
+        return [Path(root)]
+    return scan_images(root)
+
+
 def _to_tensor(x: np.ndarray):
     import torch
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))
@@ -168,7 +179,8 @@ class TripletDataset(_SkipMixin, _torch_dataset_base()):
     """HR images degraded on the fly into (gt, lq, labels, prompt, caption, params) items.
 
     Args:
-        dataroot_gt: HR folder (scanned recursively for image suffixes), or a list of folders.
+        dataroot_gt: HR folder (scanned recursively for image suffixes), an image file,
+            ``'sample:train'`` / ``'sample:val'`` (photos shipped in installed packages), or a list of these.
         meta_info: optional text file listing image paths (relative to ``dataroot_gt``).
         gt_size: HR crop size (LR is gt_size / scale); ``null`` keeps whole images.
         scale: down-scaling factor (also passed to the degradation).
@@ -191,7 +203,7 @@ class TripletDataset(_SkipMixin, _torch_dataset_base()):
             paths = _read_meta_info(meta_info, root)
         elif dataroot_gt:
             roots = [dataroot_gt] if isinstance(dataroot_gt, (str, os.PathLike)) else list(dataroot_gt)
-            paths = [p for r in roots for p in scan_images(r)]
+            paths = [p for r in roots for p in _expand_root(r)]
         else:
             raise ValueError("TripletDataset needs 'dataroot_gt' (HR folder) or 'meta_info' (file list)")
         if not paths:
