@@ -108,3 +108,35 @@ def test_plain_diffusers_pipeline_loads_tiny_sd(tiny_sd):
     img = pipe('a cat', num_inference_steps=2, height=64, width=64, output_type='pt',
                generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 3, 64, 64)
+
+
+def test_sd21_base_configs_give_the_published_sizes():
+    """The shipped SD 2.1-base configs build the published architecture (parameter counts
+    checked on the meta device: no memory), and narrowed variants keep its structure."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dalpsr.archs.sd_components import build_sd21_base_random, sd21_base_configs
+    cfg = sd21_base_configs()
+    assert cfg['unet']['cross_attention_dim'] == cfg['text_encoder']['hidden_size'] == 1024
+    assert cfg['scheduler']['prediction_type'] == 'epsilon'
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+    with torch.device('meta'):
+        unet = UNet2DConditionModel.from_config(cfg['unet'])
+        vae = AutoencoderKL.from_config(cfg['vae'])
+        te = CLIPTextModel(CLIPTextConfig(**cfg['text_encoder']))
+    assert round(count(unet) / 1e6, 1) == 865.9
+    assert round(count(vae) / 1e6, 1) == 83.7
+    assert round(count(te) / 1e6, 1) == 340.4
+
+    small = build_sd21_base_random(seed=1, channel_scale=0.25, parts=('unet',))
+    assert small.vae is None and small.text_encoder is None
+    assert list(small.unet.config.block_out_channels) == [80, 160, 320, 320]
+    assert small.unet.config.cross_attention_dim == 256 and small.unet.dtype == torch.float32
+    again = build_sd21_base_random(seed=1, channel_scale=0.25, parts=('unet',))
+    w = 'conv_in.weight'
+    assert torch.equal(small.unet.state_dict()[w], again.unet.state_dict()[w])
+    with pytest.raises(ValueError, match='heads'):
+        sd21_base_configs(0.3)

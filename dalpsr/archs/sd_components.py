@@ -303,3 +303,104 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> images [B,3,H,W] in [0,1] (float32)."""
     z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
     return (vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real SD 2.1-base architecture with random weights (benchmarks; no download)
+
+#: Folder of the published SD 2.1-base part configs (``sd21_base_{unet,vae,text_encoder,scheduler}.json``).
+SD21_BASE_CONFIG_DIR = Path(__file__).resolve().parent / 'configs'
+
+
+def _scaled(c: int, s: float, multiple: int, what: str) -> int:
+    v = c * s
+    if abs(v - round(v)) > 1e-6 or round(v) % multiple:
+        raise ValueError(f"channel_scale {s} gives {v:g} channels for the {what} ({c} at scale 1); it must be a "
+                         f"whole multiple of {multiple} (use e.g. 1, 0.5 or 0.25)")
+    return int(round(v))
+
+
+def _narrow(cfg: Dict[str, Any], s: float, heads, what: str) -> None:
+    """Scale ``block_out_channels`` by ``s``; keep 32 GroupNorm groups when the widths allow it."""
+    import math
+    chans = [_scaled(c, s, 1, what) for c in cfg['block_out_channels']]
+    for c, h in zip(chans, heads or [1] * len(chans)):
+        if c % h:
+            raise ValueError(f'channel_scale {s}: {c} {what} channels do not split into {h} heads')
+    cfg['block_out_channels'] = chans
+    cfg['norm_num_groups'] = math.gcd(cfg['norm_num_groups'], *chans)
+
+
+def sd21_base_configs(channel_scale: float = 1.0) -> Dict[str, Dict[str, Any]]:
+    """Configs of the SD 2.1-base parts, read from :data:`SD21_BASE_CONFIG_DIR`.
+
+    ``{'unet': ..., 'vae': ..., 'text_encoder': ..., 'scheduler': ...}`` (plain dicts, ``_``-keys
+    dropped). ``channel_scale`` < 1 narrows every width (UNet/VAE channels, text hidden size;
+    depth, head counts, block types and the latent factor 8 unchanged; GroupNorm groups drop
+    below 32 only where the narrowed widths need it) for machines that cannot hold the full
+    model: 1 is the published architecture (UNet 866 M parameters).
+    """
+    out = {}
+    for part in ('unet', 'vae', 'text_encoder', 'scheduler'):
+        cfg = json.loads((SD21_BASE_CONFIG_DIR / f'sd21_base_{part}.json').read_text())
+        out[part] = {k: v for k, v in cfg.items() if not k.startswith('_')}
+    s = float(channel_scale)
+    if s <= 0 or s > 1:
+        raise ValueError(f'channel_scale must be in (0, 1], got {channel_scale!r}')
+    if s != 1:
+        u, v, t = out['unet'], out['vae'], out['text_encoder']
+        heads = u['attention_head_dim']
+        _narrow(u, s, heads, 'UNet')
+        _narrow(v, s, None, 'VAE')
+        t['hidden_size'] = _scaled(t['hidden_size'], s, t['num_attention_heads'], 'text encoder')
+        t['intermediate_size'] = _scaled(t['intermediate_size'], s, 1, 'text encoder MLP')
+        t['projection_dim'] = _scaled(t['projection_dim'], s, 1, 'text projection')
+        u['cross_attention_dim'] = t['hidden_size']
+    return out
+
+
+def build_sd21_base_random(seed: int = 0, channel_scale: float = 1.0, dtype: Any = 'fp32', device=None,
+                           parts: tuple = ('unet', 'vae', 'text_encoder')) -> SDComponents:
+    """SD 2.1-base (UNet, VAE, OpenCLIP-H text encoder, scheduler) with random weights.
+
+    The architecture comes from the published configs in :data:`SD21_BASE_CONFIG_DIR`
+    (optionally narrowed by ``channel_scale``, see :func:`sd21_base_configs`) in ``dtype``
+    ('fp32' | 'fp16' | 'bf16') on ``device``; weights are
+    drawn from ``seed`` (the global torch RNG state is restored afterwards). Parts not named in
+    ``parts`` are ``None`` (the text encoder is 340 M parameters; leave it out when a benchmark
+    feeds random embeddings). The tokenizer is the offline CLIP BPE tokenizer (77 tokens), the
+    noise scheduler a ``DDPMScheduler`` from the published scheduler config (eps prediction).
+    For timing and memory only: the outputs are meaningless.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dalpsr.utils.clip_tokenizer import offline_clip_tokenizer
+
+    cfgs = sd21_base_configs(channel_scale)
+    dt = parse_dtype(dtype)
+    mods: Dict[str, Any] = {'unet': None, 'vae': None, 'text_encoder': None}
+    state = torch.random.get_rng_state()
+    try:
+        for k, part in enumerate(('unet', 'vae', 'text_encoder')):
+            if part not in parts:
+                continue
+            torch.manual_seed(seed + k)
+            if part == 'unet':
+                m = UNet2DConditionModel.from_config(cfgs['unet'])
+            elif part == 'vae':
+                m = AutoencoderKL.from_config(cfgs['vae'])
+            else:
+                m = CLIPTextModel(CLIPTextConfig(**cfgs['text_encoder']))
+            if dt != torch.float32:
+                m.to(dtype=dt)
+            m.to(device=device).eval()
+            mods[part] = m
+    finally:
+        torch.random.set_rng_state(state)
+    sched = DDPMScheduler.from_config(cfgs['scheduler'])
+    return SDComponents(vae=mods['vae'], unet=mods['unet'], text_encoder=mods['text_encoder'],
+                        tokenizer=offline_clip_tokenizer(77), noise_scheduler=sched,
+                        scheduler_config=dict(sched.config),
+                        source={'pretrained': f'random SD 2.1-base architecture (seed {seed}, '
+                                              f'channel_scale {channel_scale})'})
