@@ -223,3 +223,126 @@ def test_options_files_are_valid_and_ablations_differ():
             assert opt['train']['batch_size'] == 4 and opt['train']['total_iter'] == 100000
             assert opt['datasets']['train']['gt_size'] == 512
             assert m['sd']['pretrained'] == 'stabilityai/stable-diffusion-2-1-base'
+
+
+# ---------------------------------------------------------------------------------------------
+# issue-6 audit: IRPAD prompts, gradient checkpointing, SDPA, mixed precision, tensorboard, cap
+
+def test_restoration_prompt_from_irpad_export(tiny_sd, tmp_path):
+    """restoration_prompt_source: irpad -> p_r is the IRPAD export's prediction on the LR, in the
+    C2 prompt format, and enters the composed prompt (not the recorded-label prompt)."""
+    from dalpsr.archs.irpad_arch import IRPAD
+    from dalpsr.data.prompt_labels import PromptSpec
+    from dalpsr.models.irpad_model import IRPADPredictor, save_irpad
+    spec = PromptSpec.from_opt(None)
+    torch.manual_seed(0)
+    net = IRPAD(len(spec.types), spec.num_intervals, spec.candidates(),
+                image_encoder={'type': 'conv', 'channels': [8, 16]}, embed_dim=16, num_blocks=1, num_heads=2)
+    save_irpad(net, spec.to_opt(), str(tmp_path / 'irpad'))
+    opt = _opt(tmp_path, tiny_sd)
+    opt['model'].update(restoration_prompt_source='irpad', irpad={'path': str(tmp_path / 'irpad')},
+                        prompt={'use_caption': False})
+    m = _build(opt)
+    batch = _fixed_batch()
+    batch['lq'][1] = 1 - batch['lq'][1]  # two different LR images
+    want = IRPADPredictor.from_pretrained(str(tmp_path / 'irpad')).predict_prompt(batch['lq'])
+    got = m.restoration_prompts(batch)
+    assert got == want and all(p not in _SPEC_PHRASES for p in got)
+    assert [spec.prompt(spec.parse(p)) for p in got] == got
+    assert m.compose_prompts(batch, training=False) == got  # w/o MLLM: p_r alone
+    assert torch.isfinite(m.training_step(batch, 0)['loss'])
+
+    bad = _opt(tmp_path, tiny_sd)
+    bad['model']['restoration_prompt_source'] = 'irpad'
+    with pytest.raises(OptionError, match='irpad.path'):
+        _build(bad)
+    bad['model']['irpad'] = {'path': str(tmp_path / 'nowhere')}
+    with pytest.raises(FileNotFoundError, match='irpad.json'):
+        _build(bad)
+
+
+def _step_grads(model, batch):
+    torch.manual_seed(11)
+    out = model.training_step(batch, 0)
+    out['loss'].backward()
+    grads = {n: p.grad.clone() for n, p in model.controlnet.named_parameters() if p.grad is not None}
+    return float(out['loss'].detach()), grads
+
+
+def test_gradient_checkpointing_recomputes_and_matches(tiny_sd, tmp_path):
+    """With gradient_checkpointing the ControlNet's blocks run forward twice per step (the
+    recomputation in backward) and loss and gradients equal the plain step."""
+    batch = _fixed_batch()
+    res = {}
+    for flag in (False, True):
+        opt = _opt(tmp_path, tiny_sd)
+        opt['model']['gradient_checkpointing'] = flag
+        m = _build(opt)
+        assert m.controlnet.is_gradient_checkpointing == flag and m.unet.is_gradient_checkpointing == flag
+        calls = []
+        block = m.controlnet.down_blocks[0].resnets[0]
+        fwd = block.forward  # (forward hooks do not fire in the recomputation; count forward calls)
+
+        def counting(*args, **kwargs):
+            calls.append(1)
+            return fwd(*args, **kwargs)
+        block.forward = counting
+        res[flag] = _step_grads(m, batch)
+        assert len(calls) == (2 if flag else 1), (flag, len(calls))
+    (l0, g0), (l1, g1) = res[False], res[True]
+    assert l0 == pytest.approx(l1, rel=1e-5)
+    assert set(g0) == set(g1) and len(g0) > 10
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6)
+
+
+def test_sdpa_attention_by_default(tiny_sd, tmp_path):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    batch = _fixed_batch()
+    out = {}
+    for mode in ('sdpa', 'default'):
+        opt = _opt(tmp_path, tiny_sd)
+        if mode == 'default':
+            opt['model']['attention'] = 'default'
+        else:
+            assert 'attention' not in opt['model']  # the default
+        m = _build(opt)
+        want = AttnProcessor2_0 if mode == 'sdpa' else AttnProcessor
+        for net in (m.unet, m.controlnet):
+            procs = net.attn_processors
+            assert procs and all(type(p) is want for p in procs.values()), mode
+        out[mode] = m.fixed_batch_loss(batch, (300,))
+    assert out['sdpa'] == pytest.approx(out['default'], rel=1e-4)
+
+
+def test_bf16_run_keeps_fp32_weights_writes_tensorboard_and_caps_checkpoints(tiny_sd, tmp_path):
+    """A bf16 mixed-precision run through the loop: trainable ControlNet and its optimizer
+    state stay fp32 (frozen parts bf16); validation sample images and val/train losses land in
+    the tensorboard event file; only keep_checkpoints checkpoints remain."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dalpsr.train import train
+    opt = _opt(tmp_path, tiny_sd, name='mp', total_iter=6, val_freq=3, checkpoint_freq=2, keep_checkpoints=2,
+               tensorboard=True, print_freq=1, mixed_precision='bf16', export=False)
+    res = train(opt)
+    m = res['model']
+    assert res['step'] == 6 and all(np.isfinite(res['losses']))
+    cn = m.unwrap(m.controlnet)
+    assert {p.dtype for p in cn.parameters()} == {torch.float32}
+    assert m.unet.dtype == m.vae.dtype == m.text_encoder.dtype == torch.bfloat16
+    exp = tmp_path / 'mp'
+    assert sorted(p.name for p in (exp / 'checkpoints').iterdir()) == ['checkpoint-4', 'checkpoint-6']
+    ostate = torch.load(exp / 'checkpoints' / 'checkpoint-6' / 'optimizer.bin', weights_only=False)
+    moments = [v for st in ostate['state'].values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
+    assert moments and all(v.dtype == torch.float32 for v in moments)
+
+    acc = EventAccumulator(str(exp / 'tb'), size_guidance={'images': 0, 'scalars': 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert 'val/sample_0' in tags['images']
+    imgs = acc.Images('val/sample_0')
+    assert [e.step for e in imgs] == [3, 6]
+    assert imgs[0].width == 3 * 32 and imgs[0].height == 32  # LR-up | SR | GT side by side
+    assert [e.step for e in acc.Scalars('val/loss')] == [3, 6]
+    assert all(np.isfinite(e.value) for e in acc.Scalars('val/loss'))
+    assert [e.step for e in acc.Scalars('train/loss')] == [1, 2, 3, 4, 5, 6]
