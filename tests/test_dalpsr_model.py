@@ -47,6 +47,37 @@ class TinySRTriplets(torch.utils.data.Dataset):
                 'index': int(i)}
 
 
+def _recording_model_class():
+    """DaLPSRModel that, at each validation, saves its ControlNet weights per process instead of
+    sampling, and records the dataset indices each process trained on (multi-process test)."""
+    from dalpsr.models.dalpsr_model import DaLPSRModel
+    from dalpsr.utils.registry import MODEL_REGISTRY
+
+    class RecordingDaLPSRModel(DaLPSRModel):
+        def __init__(self, opt, accelerator=None):
+            opt = copy.deepcopy(opt)
+            self.record_dir = Path(opt['model'].pop('record_dir'))
+            super().__init__(opt, accelerator)
+            self.rank = accelerator.process_index if accelerator is not None else 0
+
+        def training_step(self, batch, step):
+            self.record_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.record_dir / f'rank{self.rank}.txt', 'a') as f:
+                f.write(' '.join(str(int(i)) for i in batch['index']) + '\n')
+            return super().training_step(batch, step)
+
+        def validate(self, loader, step, writer=None):
+            state = {k: v.detach().cpu() for k, v in self.unwrap(self.controlnet).state_dict().items()}
+            torch.save(state, self.record_dir / f'cn_rank{self.rank}_step{step}.pth')
+            return {}
+
+    if 'RecordingDaLPSRModel' not in MODEL_REGISTRY:
+        MODEL_REGISTRY.register()(RecordingDaLPSRModel)
+
+
+_recording_model_class()
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
@@ -346,3 +377,34 @@ def test_bf16_run_keeps_fp32_weights_writes_tensorboard_and_caps_checkpoints(tin
     assert [e.step for e in acc.Scalars('val/loss')] == [3, 6]
     assert all(np.isfinite(e.value) for e in acc.Scalars('val/loss'))
     assert [e.step for e in acc.Scalars('train/loss')] == [1, 2, 3, 4, 5, 6]
+
+
+def test_two_process_accelerate_run_keeps_controlnet_replicas_in_sync(tiny_sd, tmp_path):
+    """``accelerate launch`` with two CPU processes (gloo) on the tiny DaLPSR setup: both
+    replicas hold identical ControlNet weights after every step checked, they trained, the
+    processes saw disjoint samples, and the export (main process) holds the final weights."""
+    from dalpsr.archs.controlnet_arch import load_dalpsr_export
+    from tests.test_accelerate_multiproc import _launch
+    rec = tmp_path / 'rec'
+    opt = _opt(tmp_path / 'exp', tiny_sd, name='mp2', total_iter=3, batch_size=1, val_freq=1, checkpoint_freq=3)
+    opt['model']['type'] = 'RecordingDaLPSRModel'
+    opt['model']['record_dir'] = str(rec)
+    opt['datasets']['train']['length'] = 8
+    opt['train'].pop('cpu')
+    for k in ('_source', '_args'):
+        opt.pop(k)
+    opt_file = tmp_path / 'mp2.yml'
+    opt_file.write_text(yaml.safe_dump(opt))
+    r = _launch(opt_file)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert '2 process(es)' in r.stdout + r.stderr
+    cn = {(rank, step): torch.load(rec / f'cn_rank{rank}_step{step}.pth') for rank in (0, 1) for step in (1, 3)}
+    keys = list(cn[0, 1])
+    for step in (1, 3):
+        assert all(torch.equal(cn[0, step][k], cn[1, step][k]) for k in keys), step
+    assert any(not torch.equal(cn[0, 1][k], cn[0, 3][k]) for k in keys)
+    seen = [[int(v) for v in (rec / f'rank{rank}.txt').read_text().split()] for rank in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 3 and not set(seen[0]) & set(seen[1])
+    exported, _ = load_dalpsr_export(tmp_path / 'exp' / 'mp2' / 'export')
+    final = exported.state_dict()
+    assert all(torch.equal(final[k], cn[0, 3][k]) for k in keys)
