@@ -203,3 +203,19 @@ def test_options_flow_and_bad_options(gen, tmp_path, capsys):
     assert _run(gen, tmp_path / 'b3', num=1, hr=tmp_path / 'nowhere') == 2
     assert 'nowhere' in capsys.readouterr().err
     assert not (tmp_path / 'b1').exists() and not (tmp_path / 'b3').exists()
+
+
+def test_each_hr_image_is_decoded_once_per_group(gen, tmp_path, monkeypatch, hr_folder):
+    """Samples of one HR image go to one worker in a row, so a 3-image set of 9 samples decodes
+    each image once (not once per sample), and the result is the same set."""
+    import dalpsr.data.triplet_dataset as td
+    calls = []
+    real = td.read_image
+    monkeypatch.setattr(td, 'read_image', lambda p: calls.append(str(p)) or real(p))
+    out = tmp_path / 'g'
+    assert _run(gen, out, num=9, hr=hr_folder) == 0
+    assert len(calls) == 3 and len(set(calls)) == 3
+    recs = [json.loads(line) for line in (out / 'meta.jsonl').read_text().splitlines()]
+    assert [r['index'] for r in recs] == list(range(9))
+    names = sorted(p.stem for p in hr_folder.iterdir())
+    assert [r['source_key'] for r in recs] == [names[i % 3] for i in range(9)]

@@ -88,8 +88,17 @@ def _make_dataset(ds_kwargs: Dict[str, Any]):
                 self._warned.add(key)
                 self.skipped.append((key, reason))
 
+        def _load(self, path):
+            # the last decoded image is kept: the writer hands a worker the samples of one image
+            # in a row, and decoding a 2K PNG costs about as much as degrading a 512 crop
+            if self._last[0] != path:
+                self._last = (None, None)
+                self._last = (path, super()._load(path))
+            return self._last[1]
+
     ds = _Recording(**ds_kwargs)
     ds.skipped = []
+    ds._last = (None, None)
     return ds
 
 
@@ -127,6 +136,18 @@ def _make_sample(i: int):
            'degrees': {t: round(deg[t], 6) for t in ds.spec.types}, 'caption': item['caption'], 'params': params}
     skipped, ds.skipped = ds.skipped, []
     return rec, skipped
+
+
+def _make_samples(indices: Sequence[int]):
+    return [_make_sample(i) for i in indices]
+
+
+def _groups(todo: Sequence[int], num_images: int, size: int = 16) -> List[List[int]]:
+    """Indices grouped by HR image (sample i uses image i % num_images), at most ``size`` each."""
+    by_image: Dict[int, List[int]] = {}
+    for i in todo:
+        by_image.setdefault(i % num_images, []).append(i)
+    return [idx[k:k + size] for _, idx in sorted(by_image.items()) for k in range(0, len(idx), size)]
 
 
 # ---------------------------------------------------------------------------------- resume
@@ -254,26 +275,29 @@ def write_triplets(out_dir: Union[str, os.PathLike], hr: Union[str, Sequence[str
     t0 = time.time()
     meta = out / META_FILE
 
-    def _consume(results):
-        for rec, sk in tqdm(results, total=len(todo), disable=not progress, desc=f'triplets -> {out.name}',
-                            unit='sample'):
-            for key, reason in sk:
-                if key not in skipped:
-                    skipped[key] = reason
-                    log(f'skipped input {reason if key in reason else f"{key}: {reason}"}')
-            append_jsonl(meta, rec)
-            done[rec['index']] = rec
+    def _consume(group_results):
+        with tqdm(total=len(todo), disable=not progress, desc=f'triplets -> {out.name}', unit='sample') as bar:
+            for results in group_results:
+                for rec, sk in results:
+                    for key, reason in sk:
+                        if key not in skipped:
+                            skipped[key] = reason
+                            log(f'skipped input {reason if key in reason else f"{key}: {reason}"}')
+                    append_jsonl(meta, rec)
+                    done[rec['index']] = rec
+                bar.update(len(results))
 
     args = (ds_kwargs, str(out), mode, int(threads))
+    groups = _groups(todo, len(ds.paths))
     if todo:
         if int(workers) > 1:
             import multiprocessing as mp
             ctx = mp.get_context('fork' if hasattr(os, 'fork') else 'spawn')
             with ctx.Pool(int(workers), initializer=_init_worker, initargs=args) as pool:
-                _consume(pool.imap_unordered(_make_sample, todo, chunksize=1))
+                _consume(pool.imap_unordered(_make_samples, groups, chunksize=1))
         else:  # in this process: leave its thread settings alone
             _init_worker(ds_kwargs, str(out), mode, 0)
-            _consume(_make_sample(i) for i in todo)
+            _consume(_make_samples(g) for g in groups)
     _rewrite_meta(out, list(done.values()))  # sorted by index: identical bytes whatever the workers
     dt = time.time() - t0
     if todo:
