@@ -147,12 +147,14 @@ class IRPADModel(BaseModel):
           label_smoothing: 0.0
           ordinal_sigma: 0.0     # >0: soft targets exp(-(k - y)^2 / (2 s^2)) over intervals
           train_crop: 64         # random crop of the LR per batch (0: full LR)
+          encoder_lr_scale: 1.0  # LR of a trainable image encoder = train.optimizer.lr x this
           pretrained: null       # an IRPAD export folder to start from
 
     Batch keys used: ``lq`` [B, 3, h, w] in [0, 1], ``labels`` int64 [B, T].
     """
 
-    KEYS = {'type', 'prompt', 'network', 'label_smoothing', 'ordinal_sigma', 'train_crop', 'pretrained'}
+    KEYS = {'type', 'prompt', 'network', 'label_smoothing', 'ordinal_sigma', 'train_crop', 'encoder_lr_scale',
+            'pretrained'}
 
     def __init__(self, opt: Dict[str, Any], accelerator=None):
         super().__init__(opt, accelerator)
@@ -174,10 +176,31 @@ class IRPADModel(BaseModel):
         self.train_crop = int(mopt.get('train_crop', 0) or 0)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise OptionError(f'model.label_smoothing in {src} must be in [0, 1), got {self.label_smoothing}')
+        if self.ordinal_sigma < 0:
+            raise OptionError(f'model.ordinal_sigma in {src} must be >= 0, got {self.ordinal_sigma}')
+        if self.train_crop < 0:
+            raise OptionError(f'model.train_crop in {src} must be >= 0 (0: full LR), got {self.train_crop}')
+        self.encoder_lr_scale = float(mopt.get('encoder_lr_scale', 1.0))
+        if self.encoder_lr_scale < 0:
+            raise OptionError(f'model.encoder_lr_scale in {src} must be >= 0, got {self.encoder_lr_scale}')
+        self.base_lr = float(get_opt(opt, 'train.optimizer.lr', 0.0) or 0.0)
         self.seed = int(opt.get('seed', opt.get('manual_seed', 0)) or 0)
 
     def trainable_modules(self):
         return {'net': self.net}
+
+    def param_groups(self):
+        """One group, or (``encoder_lr_scale`` != 1) the image encoder's trainable parameters in
+        a group of their own with ``lr = train.optimizer.lr x encoder_lr_scale`` (e.g. 0.1 for a
+        pretrained ViT fine-tuned next to a decoder trained from scratch)."""
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        if self.encoder_lr_scale == 1.0:
+            return params
+        enc = {id(p) for p in self.net.image_encoder.parameters() if p.requires_grad}
+        groups = [{'params': [p for p in params if id(p) not in enc]}]
+        if enc:
+            groups.append({'params': [p for p in params if id(p) in enc], 'lr': self.base_lr * self.encoder_lr_scale})
+        return groups
 
     # ---- loss --------------------------------------------------------------------------
     def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
