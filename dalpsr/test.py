@@ -845,7 +845,18 @@ def test(opt: Dict[str, Any], force: Optional[bool] = None) -> Dict[str, Any]:
         if not Path(block['dataroot_lq']).is_dir():
             raise FileNotFoundError(f"datasets.{key}.dataroot_lq: folder not found: {block['dataroot_lq']}")
     out = prepare_results(opt, payload, force)
-    get_root_logger('dalpsr', log_file=str((out / 'test.log').resolve()))
+    get_root_logger('dalpsr')
+    handler = logging.FileHandler(out / 'test.log', mode='a', encoding='utf-8')
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s: %(message)s'))
+    logger.addHandler(handler)
+    try:
+        return _run(opt, meta, payload, out)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _run(opt: Dict[str, Any], meta: Dict[str, Any], payload: Dict[str, Any], out: Path) -> Dict[str, Any]:
     atomic_write_text(out / 'options.yml', dump_options(opt))
     device = _device(opt['model']['device'])
     import torch

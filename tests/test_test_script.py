@@ -13,8 +13,8 @@ from dalpsr import test as T
 from dalpsr.utils.options import OptionError, load_options
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
+@pytest.fixture(scope='module', autouse=True)
+def _one_thread():  # module scope: the module fixtures below run tiny models too (2 threads thrash a busy CPU)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -127,6 +127,8 @@ def test_messy_folder_outputs_rules_prompts_and_metrics(first_run, messy):
     assert summary['metrics']['psnr']['mean'] == pytest.approx(np.mean([recs[k]['metrics']['psnr'] for k in 'ab']))
     assert summary['metric_info']['psnr']['options']['test_y_channel'] is True
     assert json.loads((res['dir'] / 'summary.json').read_text())['sets']['set1']['ok'] == 5
+    log = (res['dir'] / 'test.log').read_text()
+    assert 'corrupt.png: not a readable image' in log and 'ok 5/9 (skipped 2, failed 2)' in log
 
 
 def test_rerun_skips_finished_images_without_loading_the_sampler(first_run, tiny, messy, monkeypatch):
@@ -239,3 +241,22 @@ def test_option_files_and_reference_document_every_key(repo_root):
         assert lines, key
         assert any('#' in ln.split(f'{key}:', 1)[1] for ln in lines), f'{key} has no comment'
     assert opt['sampler']['num_steps'] == 50 and opt['sampler']['guidance_scale'] == 5.5
+
+
+def test_demo_sr_runs_the_tiny_stand_in_labelled_as_such(tiny, tmp_path, repo_root, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('demo_sr', f'{repo_root}/scripts/demo_sr.py')
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    found = demo.find_real_weights(tmp_path)  # an empty root: no DaLPSR export (SD may sit in the HF cache)
+    assert found['dalpsr'] is None and found['irpad'] is None and found['sd'] in (None, demo.SD_ID)
+    tiny_root = os.path.dirname(tiny['sd'])
+    rc = demo.main(['--tiny', '--tiny-dir', tiny_root, '--results-root', str(tmp_path), '--num-images', '1',
+                    '--steps', '2'])
+    out = capsys.readouterr().out
+    assert rc == 0 and 'TINY RANDOM STAND-IN - not a real model' in out
+    d = tmp_path / 'demo_sr_TINY_RANDOM_STAND-IN' / 'demo'
+    sr = [p for p in d.glob('*.png')]
+    assert len(sr) == 1 and _img(sr[0]).shape == (128, 128, 3)
+    assert 'TINY RANDOM STAND-IN' in (tmp_path / 'demo_sr_TINY_RANDOM_STAND-IN' / 'test.log').read_text()
+    assert json.loads((d / 'summary.json').read_text())['metrics']['psnr']['count'] == 1
