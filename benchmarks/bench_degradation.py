@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument('--gt-size', type=int, default=512)
     p.add_argument('--ref-batch', type=int, default=1, help='reference batch size (choices shared per batch)')
     p.add_argument('--device', default='cpu', help='device of the reference (ours is numpy/OpenCV on CPU)')
+    p.add_argument('--rounds', type=int, default=5, help='alternate the two pipelines this many times')
     p.add_argument('--skip-ref', action='store_true', help='only time our pipeline')
     return p.parse_args(argv)
 
@@ -268,26 +269,15 @@ def main(argv=None):
     cv2.setNumThreads(args.threads)
     load = os.getloadavg() if hasattr(os, 'getloadavg') else (float('nan'),) * 3
     print(f'load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs); '
-          f'threads={args.threads}, {args.gt_size} -> {args.gt_size // 4}, {args.num} samples each, seed {args.seed}')
+          f'threads={args.threads}, {args.gt_size} -> {args.gt_size // 4}, {args.num} samples each in '
+          f'{args.rounds} interleaved rounds, seed {args.seed}')
     n_crops = min(args.num, 32)
     crops = make_crops(n_crops, args.gt_size, args.seed)
     spec = PromptSpec()
     warm = 3
-
-    # ours
     deg = RealESRGANDegradation()
     rng = np.random.default_rng(args.seed)
-    for i in range(warm):
-        deg(crops[i % n_crops], rng)
-    ours_params = []
-    t = time.perf_counter()
-    for i in range(args.num):
-        ours_params.append(deg(crops[i % n_crops], rng)['params'])
-    t_ours = time.perf_counter() - t
-    sps_ours = args.num / t_ours
-    print(f'ours (numpy/OpenCV)      : {sps_ours:8.2f} samples/s  ({1000 * t_ours / args.num:.1f} ms/sample)')
-
-    results = {'ours_sps': sps_ours}
+    ref = rec = None
     if not args.skip_ref:
         t0 = time.perf_counter()
         ref = BasicsrReference(args.device)
@@ -295,29 +285,48 @@ def main(argv=None):
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
-        bsz = max(1, args.ref_batch)
-        with Recorder(ref.deg) as rec:
-            for i in range(warm):
-                ref.run_batch([crops[i % n_crops]] * bsz, rec)
-            ref_params = []
-            _sync(args.device)
-            t = time.perf_counter()
-            done = 0
-            while done < args.num:
-                batch = [crops[(done + j) % n_crops] for j in range(bsz)]
-                _, prm = ref.run_batch(batch, rec)
-                ref_params.extend(prm)
-                done += bsz
-            _sync(args.device)
-            t_ref = time.perf_counter() - t
-        sps_ref = done / t_ref
+        rec = Recorder(ref.deg).__enter__()
+    bsz = max(1, args.ref_batch)
+    for i in range(warm):
+        deg(crops[i % n_crops], rng)
+        if ref is not None:
+            ref.run_batch([crops[i % n_crops]] * bsz, rec)
+    # interleaved rounds: a change of machine load affects both pipelines alike
+    ours_params, ref_params = [], []
+    t_ours = t_ref = 0.0
+    per_round = [args.num // args.rounds + (r < args.num % args.rounds) for r in range(args.rounds)]
+    k_ours = k_ref = 0
+    for n_r in per_round:
+        t = time.perf_counter()
+        for _ in range(n_r):
+            ours_params.append(deg(crops[k_ours % n_crops], rng)['params'])
+            k_ours += 1
+        t_ours += time.perf_counter() - t
+        if ref is None:
+            continue
+        _sync(args.device)
+        t = time.perf_counter()
+        target = k_ref + n_r
+        while k_ref < target:
+            _, prm = ref.run_batch([crops[(k_ref + j) % n_crops] for j in range(bsz)], rec)
+            ref_params.extend(prm)
+            k_ref += bsz
+        _sync(args.device)
+        t_ref += time.perf_counter() - t
+    if rec is not None:
+        rec.__exit__(None, None, None)
+    sps_ours = k_ours / t_ours
+    print(f'ours (numpy/OpenCV, CPU)  : {sps_ours:8.2f} samples/s  ({1000 * t_ours / k_ours:.1f} ms/sample)')
+    results = {'ours_sps': sps_ours}
+    if ref is not None:
+        sps_ref = k_ref / t_ref
         results.update(ref_sps=sps_ref, ratio=sps_ours / sps_ref)
         print(f'basicsr reference ({args.device}, batch {bsz}): {sps_ref:8.2f} samples/s  '
-              f'({1000 * t_ref / done:.1f} ms/sample)')
-        print(f'ratio ours / reference   : {sps_ours / sps_ref:8.2f}x')
+              f'({1000 * t_ref / k_ref:.1f} ms/sample)')
+        print(f'ratio ours / reference    : {sps_ours / sps_ref:8.2f}x')
     print(f'label histograms (K={spec.num_intervals}, counts per interval of the degree)')
     hists = {'ours': histogram(ours_params, spec)}
-    if not args.skip_ref:
+    if ref is not None:
         hists['reference'] = histogram(ref_params, spec)
     for name, h in hists.items():
         for typ, c in h.items():
