@@ -11,8 +11,8 @@ with seed 2 (training used seed 1) -> 128x128 LR. It is built on first use (--hr
 
 Prints, per degradation type: accuracy, balanced accuracy (mean recall over intervals),
 accuracy within one interval, and writes to --out: metrics.json (those numbers, confusion
-matrices, label histograms, per-source-image accuracy, model and data descriptions) and
-confusion_<type>.png. An existing non-empty --out is refused unless --overwrite (it is then
+matrices, label histograms, per-source-image accuracy, accuracy of each type split by the true
+interval of each other type, model and data descriptions) and confusion_<type>.png. An existing non-empty --out is refused unless --overwrite (it is then
 archived with a timestamp, never deleted).
 """
 import argparse
@@ -121,11 +121,19 @@ def main(argv=None):
         per_image[s] = {'n': int(m.sum()),
                         **{f'acc/{t}': float((pred[m, i] == labels[m, i]).float().mean()) for i, t in enumerate(types)}}
     hist = {t: np.bincount(data['labels'][:, i], minlength=spec.num_intervals).tolist() for i, t in enumerate(types)}
+    # accuracy of each type split by the true interval of each other type (what masks what:
+    # e.g. noise accuracy falls where the JPEG that follows the noise is strong)
+    lab = labels.numpy()
+    ok = (pred.numpy() == lab)
+    cross = {t: {u: [float(ok[lab[:, j] == k, i].mean()) if (lab[:, j] == k).any() else None
+                     for k in range(spec.num_intervals)]
+                 for j, u in enumerate(types) if u != t} for i, t in enumerate(types)}
     result = {
         'metrics': metrics,
         'confusion': {t: conf[i].tolist() for i, t in enumerate(types)},
         'label_histogram': hist,
         'majority_baseline_acc': {t: max(h) / max(sum(h), 1) for t, h in hist.items()},
+        'accuracy_by_other_interval': cross,
         'per_image': per_image,
         'num_samples': int(len(labels)),
         'lr_size': list(lq_all.shape[1:3]),
@@ -147,6 +155,10 @@ def main(argv=None):
     for t in types:
         print(f'{t:8s} {metrics[f"acc/{t}"]:7.4f} {metrics[f"bacc/{t}"]:8.4f} {metrics[f"within1/{t}"]:8.4f}  {hist[t]}')
     print(f'{"mean":8s} {metrics["acc/mean"]:7.4f} {metrics["bacc/mean"]:8.4f} {metrics["within1/mean"]:8.4f}')
+    print('accuracy of <type> by the true interval (0..K-1) of <other type>:')
+    for t in types:
+        for u, accs in cross[t].items():
+            print(f'  {t:6s} | {u:6s}: ' + ' '.join('  -  ' if a is None else f'{a:.3f}' for a in accs))
     print(f'wrote {out}/metrics.json and confusion_*.png')
     return 0
 
