@@ -366,7 +366,8 @@ def build_sd21_base_random(seed: int = 0, channel_scale: float = 1.0, dtype: Any
     The architecture comes from the published configs in :data:`SD21_BASE_CONFIG_DIR`
     (optionally narrowed by ``channel_scale``, see :func:`sd21_base_configs`) in ``dtype``
     ('fp32' | 'fp16' | 'bf16') on ``device``; weights are
-    drawn from ``seed`` (the global torch RNG state is restored afterwards). Parts not named in
+    drawn from ``seed`` on ``device`` (the global CPU torch RNG state is restored afterwards;
+    weights drawn on a GPU differ from CPU ones). Parts not named in
     ``parts`` are ``None`` (the text encoder is 340 M parameters; leave it out when a benchmark
     feeds random embeddings). The tokenizer is the offline CLIP BPE tokenizer (77 tokens), the
     noise scheduler a ``DDPMScheduler`` from the published scheduler config (eps prediction).
@@ -386,15 +387,16 @@ def build_sd21_base_random(seed: int = 0, channel_scale: float = 1.0, dtype: Any
             if part not in parts:
                 continue
             torch.manual_seed(seed + k)
-            if part == 'unet':
-                m = UNet2DConditionModel.from_config(cfgs['unet'])
-            elif part == 'vae':
-                m = AutoencoderKL.from_config(cfgs['vae'])
-            else:
-                m = CLIPTextModel(CLIPTextConfig(**cfgs['text_encoder']))
+            with torch.device(device if device is not None else 'cpu'):  # initialise in place (fast on GPU)
+                if part == 'unet':
+                    m = UNet2DConditionModel.from_config(cfgs['unet'])
+                elif part == 'vae':
+                    m = AutoencoderKL.from_config(cfgs['vae'])
+                else:
+                    m = CLIPTextModel(CLIPTextConfig(**cfgs['text_encoder']))
             if dt != torch.float32:
                 m.to(dtype=dt)
-            m.to(device=device).eval()
+            m.eval()
             mods[part] = m
     finally:
         torch.random.set_rng_state(state)

@@ -92,7 +92,9 @@ class DaLPSRModel(BaseModel):
     ``frozen_dtype``, ``latent_sample``, ``noise_offset``, ``snr_gamma``, ``val``.
     """
 
-    def __init__(self, opt: Dict[str, Any], accelerator=None):
+    def __init__(self, opt: Dict[str, Any], accelerator=None, components=None):
+        """``components``: already loaded :class:`~dalpsr.archs.sd_components.SDComponents` to use
+        instead of loading ``model.sd`` (benchmarks build random SD 2.1-base parts in memory)."""
         super().__init__(opt, accelerator)
         from dalpsr.archs.controlnet_arch import get_controlnet_class
         from dalpsr.archs.sd_components import load_sd_components, parse_dtype
@@ -127,7 +129,7 @@ class DaLPSRModel(BaseModel):
             raise OptionError(f'model.prompt in {src}: {err}') from None
 
         # ---- SD parts and ControlNet (weights from the loop's seed)
-        comps = load_sd_components(cfg['sd'])
+        comps = components if components is not None else load_sd_components(cfg['sd'])
         self.components = comps
         self.sd_source = comps.source
         self.noise_scheduler = comps.noise_scheduler
