@@ -121,7 +121,10 @@ class BasicsrReference:
         from dalpsr.utils.basicsr_compat import basicsr_degradations, basicsr_diffjpeg, basicsr_img_process
         self.torch = torch
         self.deg = basicsr_degradations()
-        self.filter2D = basicsr_img_process().filter2D
+        f2d = basicsr_img_process().filter2D
+        # .contiguous(): on CPU, F.interpolate / DiffJPEG can return tensors that filter2D's
+        # batched .view() rejects (batch > 1); a no-op for contiguous input
+        self.filter2D = lambda x, k: f2d(x.contiguous(), k)
         self.jpeger = basicsr_diffjpeg().DiffJPEG(differentiable=False).to(device)
         self.device = torch.device(device)
         self.scale = scale
