@@ -408,3 +408,46 @@ def test_two_process_accelerate_run_keeps_controlnet_replicas_in_sync(tiny_sd, t
     exported, _ = load_dalpsr_export(tmp_path / 'exp' / 'mp2' / 'export')
     final = exported.state_dict()
     assert all(torch.equal(final[k], cn[0, 3][k]) for k in keys)
+
+
+def test_reference_options_document_every_model_key_with_the_defaults(tiny_sd):
+    """options/reference/diffusion.yml lists every DaLPSRModel key (and sd/prompt sub-keys) with
+    the code's default, each commented at its first occurrence, and its model block builds."""
+    import re
+
+    from dalpsr.archs.sd_components import SD_KEYS
+    from dalpsr.models.dalpsr_model import DEFAULTS
+    from dalpsr.utils.options import load_options
+    path = REPO / 'options' / 'reference' / 'diffusion.yml'
+    opt = load_options(str(path))
+    text = path.read_text()
+    m = dict(opt['model'])
+    assert m.pop('type') == 'DaLPSRModel'
+    assert set(m) == set(DEFAULTS)
+    for k, v in DEFAULTS.items():
+        if k == 'sd':
+            assert set(m['sd']) == set(SD_KEYS)
+            assert all(m['sd'][s] is None for s in SD_KEYS if s not in ('pretrained', 'dtype'))
+        elif k == 'prompt':
+            assert m['prompt'] == PromptComposer().to_opt()
+        else:
+            assert m[k] == v, k
+    keys = set()
+
+    def walk(d):
+        for k, v in d.items():
+            keys.add(k)
+            if isinstance(v, dict):
+                walk(v)
+    walk(m)
+    for key in keys:
+        lines = [ln for ln in text.splitlines() if re.match(rf'\s*{re.escape(key)}:', ln)]
+        assert lines and '#' in lines[0].split(f'{key}:', 1)[1], key
+    opt['model']['sd']['pretrained'] = tiny_sd
+    opt['model']['controlnet']['conditioning_embedding_out_channels'] = [16]  # tiny UNet
+    model = _build(opt)
+    assert list(model.trainable_modules()) == ['controlnet'] and model.controlnet.is_gradient_checkpointing
+    bad = _opt('.', tiny_sd)
+    bad['model'].update(restoration_prompt_source='irpad', irpad={'path': 'x', 'device': 'cuda'})
+    with pytest.raises(OptionError, match="unknown key 'device'"):
+        _build(bad)

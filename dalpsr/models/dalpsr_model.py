@@ -200,6 +200,8 @@ class DaLPSRModel(BaseModel):
         # ---- restoration prompt from IRPAD (optional)
         self.irpad = None
         if cfg['restoration_prompt_source'] == 'irpad':
+            if isinstance(cfg['irpad'], dict):
+                check_keys(cfg['irpad'], ('path',), f'model.irpad in {src}')
             ipath = (cfg['irpad'] or {}).get('path') if isinstance(cfg['irpad'], dict) else cfg['irpad']
             if not ipath:
                 raise OptionError(f"model.restoration_prompt_source: irpad needs model.irpad.path in {src}")
