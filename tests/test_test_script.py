@@ -63,6 +63,36 @@ def messy(tmp_path_factory):
     return {'lq': str(lq), 'gt': str(gt), 'captions': str(caps), 'root': root}
 
 
+def test_input_rules_and_keys_without_models(tmp_path):
+    rules = dict(T.TEST_DEFAULTS['test'], max_lr_pixels=40 * 40)
+    rng = np.random.default_rng(1)
+    cv2.imwrite(str(tmp_path / 'ok.png'), (_smooth(rng, 20, 24) * 255).astype(np.uint8))
+    cv2.imwrite(str(tmp_path / 'ok.jpg'), (_smooth(rng, 20, 24) * 255).astype(np.uint8))
+    cv2.imwrite(str(tmp_path / 'big.png'), (_smooth(rng, 80, 60) * 255).astype(np.uint8))
+    from PIL import Image
+    la = np.dstack([(_smooth(rng, 20, 20, 1)[:, :, 0] * 255).astype(np.uint8), np.zeros((20, 20), np.uint8)])
+    Image.fromarray(la, mode='LA').save(tmp_path / 'la.png')
+    (tmp_path / 'empty.png').write_bytes(b'')
+    img, notes = T.load_lr(tmp_path / 'ok.png', rules)
+    assert img.shape == (20, 24, 3) and img.dtype == np.float32 and notes == []
+    with pytest.raises(T.InputRejected, match=r'80x60 LR exceeds test.max_lr_pixels=1600') as err:
+        T.load_lr(tmp_path / 'big.png', rules)
+    assert err.value.status == 'skipped'
+    img, notes = T.load_lr(tmp_path / 'big.png', dict(rules, huge='resize'))
+    assert img.shape[0] * img.shape[1] <= 1600 and notes == ['resized 80x60->46x34']
+    img, notes = T.load_lr(tmp_path / 'la.png', rules)  # gray + fully transparent alpha -> white
+    assert notes == ['alpha->white'] and np.allclose(img, 1.0)  # OpenCV decodes LA as 4 channels
+    with pytest.raises(T.InputRejected, match='empty file') as err:
+        T.load_lr(tmp_path / 'empty.png', rules)
+    assert err.value.status == 'failed'
+    keys, ignored = T.list_set_images(tmp_path, recursive=False)
+    assert [k for k, _ in keys] == ['big', 'empty', 'la', 'ok', 'ok_png'] and ignored == 0
+    (tmp_path / 'gt').mkdir()
+    cv2.imwrite(str(tmp_path / 'gt' / 'ok_x4_HR.png'), np.zeros((8, 8, 3), np.uint8))
+    assert set(T.gt_index(str(tmp_path / 'gt'), False)) == {'ok'} and T._gt_key('ok_LR4') == 'ok'
+    assert T.image_seed(0, 'ok') == T.image_seed(0, 'ok') != T.image_seed(1, 'ok')
+
+
 def _opt(tiny, messy, results, name='run', **blocks):
     opt = {'name': name, 'seed': 3, 'path': {'results_root': str(results)},
            'model': {'path': tiny['dalpsr']},
