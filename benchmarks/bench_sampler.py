@@ -17,6 +17,7 @@ Variants (each in its own process, so "peak" is its own high-water mark: CUDA
   ours           DaLPSRSampler, latent-condition ControlNet (z_LR, DaLPSR's default), LR-embedded start at t=999
   ours_cl        ours + channels_last
   ours_compile   ours + channels_last + torch.compile of UNet and ControlNet (compile time excluded: warm-up)
+  ours_graphs    ours + channels_last + torch.compile(mode='reduce-overhead') (CUDA graphs; GPU only)
 
     python benchmarks/bench_sampler.py                               # CPU: reduced (64 px out, 2 steps, width x0.25)
     python benchmarks/bench_sampler.py --device cuda                 # GPU: 512 px out, 50 and 20 steps, fp16 and bf16
@@ -38,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-VARIANTS = ('plain', 'ours_image', 'ours', 'ours_cl', 'ours_compile')
+VARIANTS = ('plain', 'ours_image', 'ours', 'ours_cl', 'ours_compile', 'ours_graphs')
 PROMPT = ('Deblur with sigma 0.5~0.75, Denoise with sigma 0~0.25, Dejpeg with sigma 0.25~0.5. A detailed photograph '
           'of an old stone bridge over a slow river in autumn light. clean, high-resolution, 8k')
 NEGATIVE = 'dotted, noise, blur, lowres, smooth'
@@ -62,7 +63,7 @@ def run_one(args) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     t0 = time.perf_counter()
     comps = build_sd21_base_random(seed=0, channel_scale=args.channel_scale, dtype=dtype, device=device)
-    mode = 'latent' if args.variant in ('ours', 'ours_cl', 'ours_compile') else 'image'
+    mode = 'image' if args.variant in ('plain', 'ours_image') else 'latent'
     torch.manual_seed(1)
     with torch.device(device):
         cn = get_controlnet_class().from_unet(comps.unet, condition_mode=mode)
@@ -90,8 +91,8 @@ def run_one(args) -> dict:
     else:
         from dalpsr.pipelines.sampler import DaLPSRSampler
         sampler = DaLPSRSampler(comps, cn, condition_mode=mode, device=device, dtype=dtype,
-                                channels_last=args.variant in ('ours_cl', 'ours_compile'),
-                                compile=args.variant == 'ours_compile')
+                                channels_last=args.variant in ('ours_cl', 'ours_compile', 'ours_graphs'),
+                                compile={'ours_compile': True, 'ours_graphs': 'reduce-overhead'}.get(args.variant, False))
 
         def run(steps):
             return sampler(lq, PROMPT, negative_prompt=NEGATIVE, num_steps=steps, guidance_scale=5.5,
@@ -107,7 +108,10 @@ def run_one(args) -> dict:
     steps_list = [int(s) for s in args.steps.split(',')]
     with torch.inference_mode():
         t = time.perf_counter()
-        out = run(min(steps_list) if args.variant != 'ours_compile' else max(steps_list))  # warm-up (and compile)
+        compiled = args.variant in ('ours_compile', 'ours_graphs')
+        out = run(max(steps_list) if compiled else min(steps_list))  # warm-up (and compilation)
+        if compiled:
+            out = run(max(steps_list))
         sync()
         res['warmup_s'] = time.perf_counter() - t
         res['finite'] = bool(torch.isfinite(out).all())
@@ -123,6 +127,8 @@ def run_one(args) -> dict:
                 secs.append(time.perf_counter() - t)
             res['times'][str(steps)] = min(secs)
     res['peak_mb'] = peak_mb(device)
+    if args.variant != 'plain':
+        res['vae_fp32_fallback'] = bool(sampler.last_stats.get('vae_fp32_fallback', False))
     return res
 
 
@@ -161,6 +167,8 @@ def main(argv=None) -> int:
 
     precisions = [v.strip() for v in (args.precision or ('fp16,bf16' if gpu else 'fp32')).split(',')]
     variants = [v.strip() for v in (args.variants or (','.join(VARIANTS) if gpu else 'plain,ours_image,ours')).split(',')]
+    if not gpu and 'ours_graphs' in variants:
+        p.error('--variants ours_graphs needs CUDA (CUDA graphs)')
     for v in variants:
         if v not in VARIANTS:
             p.error(f'--variants: unknown {v!r} (use {", ".join(VARIANTS)})')
@@ -190,7 +198,8 @@ def main(argv=None) -> int:
             else:
                 ts = '  '.join(f'{s} steps {v:8.3f} s' for s, v in res['times'].items())
                 print(f'  {var:12s} {prec:5s}: {ts}  peak {res["peak_mb"]:8.0f} MiB  (built {res["build_s"]:.0f} s, '
-                      f'warm-up {res["warmup_s"]:.1f} s, finite {res["finite"]})', flush=True)
+                      f'warm-up {res["warmup_s"]:.1f} s, finite {res["finite"]}'
+                      + (', VAE fell back to fp32' if res.get('vae_fp32_fallback') else '') + ')', flush=True)
     ok = [r for r in results if 'error' not in r]
     if ok:
         steps = list(ok[0]['times'])

@@ -143,6 +143,10 @@ def resolve_test_opt(opt: Dict[str, Any]) -> Dict[str, Any]:
     if not m['path']:
         raise OptionError(f"missing required key 'model.path' in {src} (a DaLPSR export folder: controlnet/ + "
                           'dalpsr.json)')
+    modes = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+    if not isinstance(m['compile'], bool) and m['compile'] not in modes:
+        raise OptionError(f"model.compile must be true, false or one of {', '.join(modes)} in {src}, "
+                          f"got {m['compile']!r}")
     from dalpsr.pipelines.sampler import START_MODES
     from dalpsr.utils.color_fix import COLOR_FIX_MODES
     if s['start'] not in START_MODES:
@@ -472,7 +476,7 @@ def build_sampler(opt: Dict[str, Any], meta: Dict[str, Any], device: str):
     sampler = DaLPSRSampler(comps, controlnet, condition_mode=meta.get('condition_mode'),
                             scale=int(meta.get('scale', 4)), device=device, dtype=dtype, vae_dtype=m['vae_dtype'],
                             vae_fp32_fallback=bool(m['vae_fp32_fallback']), channels_last=bool(m['channels_last']),
-                            compile=bool(m['compile']), max_chunks=max_chunks, logger=logger)
+                            compile=m['compile'], max_chunks=max_chunks, logger=logger)
     logger.info(f'sampler: SD {sd_cfg.get("pretrained")} + ControlNet {model_dir} ({sampler.condition_mode} '
                 f'condition), device {device}, {dtype}')
     return sampler
