@@ -283,3 +283,57 @@ def test_model_rejects_unknown_keys_and_losses(small_cache, tmp_path):
     g = -logits.grad[0, 1]
     assert g[1] > 0 > g[0] > g[3] and torch.isclose(g[0], g[2])
 
+
+
+# --------------------------------------------------------------- CPU-recipe encoder options
+def test_conv_encoder_highpass_and_stat_tokens():
+    torch.manual_seed(0)
+    enc = ConvEncoder(channels=(8, 16, 32), highpass=8.0, stat_tokens=True)
+    assert enc.stem[0].in_channels == 6
+    x = torch.rand(2, 3, 32, 32)
+    tok = enc(x)
+    assert tok.shape == (2, 8 * 8 + 3, 32)          # 64 spatial tokens + one statistics token per level
+    # the high-pass channels see only the residual: a brightness offset of a flat image changes the
+    # first three input channels only, so a stem that reads just the residual channels ignores it
+    with torch.no_grad():
+        enc.stem[0].weight[:, :3] = 0
+        flat0, flat1 = torch.full((1, 3, 16, 16), 0.2), torch.full((1, 3, 16, 16), 0.7)
+        assert torch.allclose(enc.stem(torch.cat([flat0 * 2 - 1, torch.zeros_like(flat0)], 1)),
+                              enc.stem(torch.cat([flat1 * 2 - 1, torch.zeros_like(flat1)], 1)))
+    # statistics tokens also work where the last stage is 1x1, and gradients reach them
+    enc = ConvEncoder(channels=(8, 16, 32), highpass=8.0, stat_tokens=True)
+    tok = enc(torch.rand(2, 3, 4, 4))
+    assert tok.shape == (2, 1 + 3, 32) and torch.isfinite(tok).all()
+    (tok * torch.randn_like(tok)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.stat_proj.parameters())
+    with pytest.raises(ValueError, match='highpass must be >= 0'):
+        ConvEncoder(highpass=-1)
+    # noise raises the residual energy the stem sees: the high-pass input is what carries it
+    enc = ConvEncoder(channels=(8,), highpass=8.0)
+    img = torch.full((1, 3, 32, 32), 0.5)
+    noisy = (img + 0.02 * torch.randn(1, 3, 32, 32)).clamp(0, 1)
+    y = lambda z: z * 2 - 1  # noqa: E731
+    res = lambda z: 8.0 * (y(z) - torch.nn.functional.avg_pool2d(  # noqa: E731
+        torch.nn.functional.pad(y(z), (1, 1, 1, 1), mode='reflect'), 3, stride=1))
+    assert res(img).abs().max() < 1e-6 and res(noisy).std() > 0.2
+
+
+def test_train_crop_offsets_follow_the_alignment(tmp_path, small_cache):
+    from dalpsr.models.irpad_model import IRPADModel
+    m = IRPADModel(_model_opt(tmp_path, small_cache, train_crop=8, train_crop_align=8))
+    # an image whose pixel values encode their coordinates
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing='ij')
+    lq = torch.stack([yy, xx, yy * 0]).expand(16, 3, 32, 32)
+    seen = set()
+    for step in range(5):
+        crop = m._crop(lq, step)
+        assert crop.shape == (16, 3, 8, 8)
+        for c in crop:
+            y0, x0 = int(c[0, 0, 0]), int(c[1, 0, 0])
+            assert y0 % 8 == 0 and x0 % 8 == 0 and y0 <= 24 and x0 <= 24
+            seen.add((y0, x0))
+    assert len(seen) > 4                             # random, not a fixed position
+    assert torch.equal(m._crop(lq, 3), m._crop(lq, 3))  # deterministic per step
+    from dalpsr.utils.options import OptionError
+    with pytest.raises(OptionError, match='train_crop_align'):
+        IRPADModel(_model_opt(tmp_path, small_cache, train_crop_align=0))

@@ -57,14 +57,29 @@ class ConvEncoder(nn.Module):
     Input ``x``: [B, 3, h, w] in [0, 1]. Output tokens: [B, (h/2^S) * (w/2^S), channels[-1]]
     where S = ``len(channels) - 1`` strided stages (default 3: a 128x128 LR gives 16x16 = 256
     tokens; total stride 8 keeps each token aligned with the 8x8 JPEG block grid).
+
+    ``highpass`` > 0 adds 3 input channels ``highpass * (y - box3x3(y))`` (``y = 2x - 1``,
+    reflect padding): the residual that holds noise, JPEG blocking and edge sharpness, scaled
+    so that 8-bit noise of a few levels is not drowned by image content at initialisation.
+    Without it a from-scratch CNN sits at chance for hundreds of steps (docs/irpad.md).
+
+    ``stat_tokens=True`` appends one token per resolution level (stem and every stage): the
+    spatial mean and std of that level's features, linearly projected to ``channels[-1]``
+    (output [B, N + S + 1, C]). They give the decoder direct access to the global statistics
+    of the shallow, full-resolution features where noise and JPEG cues live.
     """
 
-    def __init__(self, channels: Sequence[int] = (16, 32, 64, 128), blocks_per_stage: int = 1):
+    def __init__(self, channels: Sequence[int] = (16, 32, 64, 128), blocks_per_stage: int = 1,
+                 highpass: float = 0.0, stat_tokens: bool = False):
         super().__init__()
         channels = [int(c) for c in channels]
         if len(channels) < 1:
             raise ValueError('ConvEncoder: channels needs at least one entry')
-        self.stem = nn.Sequential(nn.Conv2d(3, channels[0], 3, padding=1), nn.GELU(),
+        self.highpass = float(highpass)
+        if self.highpass < 0:
+            raise ValueError(f'ConvEncoder: highpass must be >= 0, got {highpass}')
+        cin = 6 if self.highpass > 0 else 3
+        self.stem = nn.Sequential(nn.Conv2d(cin, channels[0], 3, padding=1), nn.GELU(),
                                   nn.Conv2d(channels[0], channels[0], 3, padding=1))
         stages = []
         for cin, cout in zip(channels[:-1], channels[1:]):
@@ -72,13 +87,29 @@ class ConvEncoder(nn.Module):
             layers += [_ResBlock(cout) for _ in range(blocks_per_stage)]
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
+        self.stat_tokens = bool(stat_tokens)
+        if self.stat_tokens:
+            self.stat_proj = nn.ModuleList(nn.Linear(2 * c, channels[-1]) for c in channels)
         self.norm = nn.LayerNorm(channels[-1])
         self.out_dim = channels[-1]
         self.stride = 2 ** (len(channels) - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.stages(self.stem(x * 2.0 - 1.0))
-        return self.norm(f.flatten(2).transpose(1, 2))
+        y = x * 2.0 - 1.0
+        if self.highpass > 0:
+            low = F.avg_pool2d(F.pad(y, (1, 1, 1, 1), mode='reflect'), 3, stride=1)
+            y = torch.cat([y, self.highpass * (y - low)], 1)
+        f = self.stem(y)
+        if not self.stat_tokens:
+            f = self.stages(f)
+            return self.norm(f.flatten(2).transpose(1, 2))
+        stats = []
+        for i, proj in enumerate(self.stat_proj):
+            if i:
+                f = self.stages[i - 1](f)
+            stats.append(proj(torch.cat([f.mean((2, 3)), f.std((2, 3), unbiased=False)], 1)))
+        tokens = torch.cat([f.flatten(2).transpose(1, 2), torch.stack(stats, 1)], 1)
+        return self.norm(tokens)
 
 
 def load_open_clip(model_name: str, pretrained: Optional[str] = None, device='cpu'):

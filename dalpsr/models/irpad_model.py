@@ -147,14 +147,15 @@ class IRPADModel(BaseModel):
           label_smoothing: 0.0
           ordinal_sigma: 0.0     # >0: soft targets exp(-(k - y)^2 / (2 s^2)) over intervals
           train_crop: 64         # random crop of the LR per batch (0: full LR)
+          train_crop_align: 8    # crop offsets are multiples of this (8 keeps the JPEG block grid)
           encoder_lr_scale: 1.0  # LR of a trainable image encoder = train.optimizer.lr x this
           pretrained: null       # an IRPAD export folder to start from
 
     Batch keys used: ``lq`` [B, 3, h, w] in [0, 1], ``labels`` int64 [B, T].
     """
 
-    KEYS = {'type', 'prompt', 'network', 'label_smoothing', 'ordinal_sigma', 'train_crop', 'encoder_lr_scale',
-            'pretrained'}
+    KEYS = {'type', 'prompt', 'network', 'label_smoothing', 'ordinal_sigma', 'train_crop', 'train_crop_align',
+            'encoder_lr_scale', 'pretrained'}
 
     def __init__(self, opt: Dict[str, Any], accelerator=None):
         super().__init__(opt, accelerator)
@@ -180,6 +181,10 @@ class IRPADModel(BaseModel):
             raise OptionError(f'model.ordinal_sigma in {src} must be >= 0, got {self.ordinal_sigma}')
         if self.train_crop < 0:
             raise OptionError(f'model.train_crop in {src} must be >= 0 (0: full LR), got {self.train_crop}')
+        align = mopt.get('train_crop_align', 1)
+        self.train_crop_align = 1 if align is None else int(align)
+        if self.train_crop_align < 1:
+            raise OptionError(f'model.train_crop_align in {src} must be >= 1, got {self.train_crop_align}')
         self.encoder_lr_scale = float(mopt.get('encoder_lr_scale', 1.0))
         if self.encoder_lr_scale < 0:
             raise OptionError(f'model.encoder_lr_scale in {src} must be >= 0, got {self.encoder_lr_scale}')
@@ -219,8 +224,9 @@ class IRPADModel(BaseModel):
         if c <= 0 or (h <= c and w <= c):
             return lq
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
-        ys = torch.randint(0, max(h - c, 0) + 1, (lq.shape[0],), generator=g)
-        xs = torch.randint(0, max(w - c, 0) + 1, (lq.shape[0],), generator=g)
+        a = self.train_crop_align
+        ys = torch.randint(0, max(h - c, 0) // a + 1, (lq.shape[0],), generator=g) * a
+        xs = torch.randint(0, max(w - c, 0) // a + 1, (lq.shape[0],), generator=g) * a
         return torch.stack([lq[i, :, y:y + c, x:x + c] for i, (y, x) in enumerate(zip(ys.tolist(), xs.tolist()))])
 
     def training_step(self, batch: Dict[str, Any], step: int) -> Dict[str, Any]:
