@@ -290,3 +290,23 @@ def test_demo_sr_runs_the_tiny_stand_in_labelled_as_such(tiny, tmp_path, repo_ro
     assert len(sr) == 1 and _img(sr[0]).shape == (128, 128, 3)
     assert 'TINY RANDOM STAND-IN' in (tmp_path / 'demo_sr_TINY_RANDOM_STAND-IN' / 'test.log').read_text()
     assert json.loads((d / 'summary.json').read_text())['metrics']['psnr']['count'] == 1
+
+
+def test_demo_sr_finds_real_weights_and_builds_valid_options(tmp_path, repo_root):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('demo_sr', f'{repo_root}/scripts/demo_sr.py')
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    pm = tmp_path / 'pretrained_models'
+    for f in ('stable-diffusion-2-1-base/unet/config.json', 'dalpsr/dalpsr.json', 'irpad/irpad.json',
+              'llava-1.5-7b-hf/config.json'):
+        (pm / f).parent.mkdir(parents=True, exist_ok=True)
+        (pm / f).write_text('{}')
+    found = demo.find_real_weights(tmp_path)
+    assert found['sd'] == str(pm / 'stable-diffusion-2-1-base') and found['dalpsr'] == str(pm / 'dalpsr')
+    assert found['irpad'] == str(pm / 'irpad') and found['ram'] is None
+    opt = demo.build_options(found, None, {'lq': 'l', 'gt': 'g'}, str(tmp_path / 'r'), None, 'auto')
+    res = T.resolve_test_opt(opt)
+    assert res['name'] == 'demo_sr_sd21' and res['sampler']['num_steps'] == 50
+    assert res['captioner']['mode'] == 'llava' and res['irpad']['source'] == 'irpad'
+    assert res['model']['sd'] == {'pretrained': str(pm / 'stable-diffusion-2-1-base')}
