@@ -219,3 +219,41 @@ def test_each_hr_image_is_decoded_once_per_group(gen, tmp_path, monkeypatch, hr_
     assert [r['index'] for r in recs] == list(range(9))
     names = sorted(p.stem for p in hr_folder.iterdir())
     assert [r['source_key'] for r in recs] == [names[i % 3] for i in range(9)]
+
+
+_POOL_SCRIPT = r'''
+import cv2, numpy as np
+from dalpsr.data.triplet_writer import worker_pool
+
+def work(i):
+    x = np.random.default_rng(i).random((256, 256, 3), dtype=np.float32)
+    cv2.filter2D(x, -1, np.full((21, 21), 1 / 441, np.float32))
+    return cv2.getNumThreads()
+
+def init():
+    pass
+
+if __name__ == '__main__':
+    cv2.setNumThreads(2)
+    x = np.random.default_rng(0).random((768, 768, 3), dtype=np.float32)
+    out = []
+    for _ in range(4):  # the parent uses OpenCV threads between pools, as the tests and the writer do
+        for _ in range(5):
+            cv2.filter2D(x, -1, np.full((21, 21), 1 / 441, np.float32))
+        with worker_pool(2, init, (), threads=1) as pool:
+            out += pool.map(work, range(4))
+    print(sorted(set(out)), cv2.getNumThreads())
+'''
+
+
+def test_worker_pool_sets_threads_without_deadlock(tmp_path):
+    """cv2.setNumThreads inside a forked child deadlocked after the parent had used OpenCV
+    threads; worker_pool sets the count in the parent instead and restores it."""
+    import subprocess
+    import sys
+    script = tmp_path / 'pool.py'
+    script.write_text(_POOL_SCRIPT)
+    r = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ['[1]', '2']  # workers ran with 1 thread; the parent got its 2 back

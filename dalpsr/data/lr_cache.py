@@ -67,10 +67,8 @@ _WORKER: Dict[str, Any] = {}
 
 
 def _init_worker(hr_paths, gt_size, seed, degradation, prompt):
-    import cv2
     from dalpsr.data.degradations import RealESRGANDegradation
     from dalpsr.data.prompt_labels import PromptSpec
-    cv2.setNumThreads(1)
     _WORKER.update(paths=hr_paths, gt_size=gt_size, seed=seed, deg=RealESRGANDegradation(**(degradation or {})),
                    spec=PromptSpec.from_opt(prompt), images={})
 
@@ -112,9 +110,8 @@ def build_lr_cache(out_file: str, hr: Any = 'sample:train', num_samples: int = 1
     results = [None] * n
     it = range(n)
     if int(workers) > 1:
-        import multiprocessing as mp
-        ctx = mp.get_context('fork' if hasattr(os, 'fork') else 'spawn')
-        with ctx.Pool(int(workers), initializer=_init_worker, initargs=args) as pool:
+        from dalpsr.data.triplet_writer import worker_pool  # one thread per worker, fork-safe
+        with worker_pool(int(workers), _init_worker, args, threads=1) as pool:
             for r in tqdm(pool.imap_unordered(_make_sample, it, chunksize=16), total=n, disable=not progress,
                           desc=f'degrading {os.path.basename(out_file)}'):
                 results[r[0]] = r

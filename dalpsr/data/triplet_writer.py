@@ -34,14 +34,15 @@ import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
 from dalpsr.utils.misc import append_jsonl, atomic_write_json, atomic_write_text, mkdir_and_rename, read_jsonl
 
-__all__ = ['write_triplets', 'GENERATE_FILE', 'META_FILE']
+__all__ = ['write_triplets', 'worker_pool', 'GENERATE_FILE', 'META_FILE']
 
 GENERATE_FILE = 'generate.json'
 META_FILE = 'meta.jsonl'
@@ -102,16 +103,51 @@ def _make_dataset(ds_kwargs: Dict[str, Any]):
     return ds
 
 
-def _init_worker(ds_kwargs: Dict[str, Any], out_dir: str, mode: str, threads: int) -> None:
-    """Per-process state; ``threads`` (>0) caps OpenCV/torch threads (pool workers only)."""
+@contextmanager
+def worker_pool(workers: int, initializer, initargs: tuple, threads: int = 1) -> Iterator[Any]:
+    """A multiprocessing Pool whose workers run OpenCV with ``threads`` threads (0: leave as is).
+
+    Calling ``cv2.setNumThreads`` inside a *forked* child can deadlock (pthread_cond_destroy on
+    the thread pool state copied from a parent that had used OpenCV threads), so with fork the
+    parent sets the count before forking (children inherit it) and restores it afterwards; a
+    spawned child (no fork on the platform) sets it itself in :func:`apply_threads`.
+    ``initializer(*initargs)`` runs in each child first.
+    """
+    import multiprocessing as mp
     import cv2
+    method = 'fork' if 'fork' in mp.get_all_start_methods() else 'spawn'
+    prev = cv2.getNumThreads()
     if threads > 0:
+        cv2.setNumThreads(int(threads))
+    try:
+        with mp.get_context(method).Pool(int(workers), initializer=_pool_init,
+                                         initargs=(method, int(threads), initializer, initargs)) as pool:
+            yield pool
+    finally:
+        cv2.setNumThreads(prev)
+
+
+def _pool_init(method: str, threads: int, initializer, initargs: tuple) -> None:
+    apply_threads(threads, cv2_too=method != 'fork')
+    initializer(*initargs)
+
+
+def apply_threads(threads: int, cv2_too: bool = True) -> None:
+    """Cap torch (and OpenCV, unless in a forked child) threads of this process (0: no change)."""
+    if threads <= 0:
+        return
+    if cv2_too:
+        import cv2
         cv2.setNumThreads(threads)
-        try:
-            import torch
-            torch.set_num_threads(threads)
-        except ImportError:  # pragma: no cover
-            pass
+    try:
+        import torch
+        torch.set_num_threads(threads)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _init_worker(ds_kwargs: Dict[str, Any], out_dir: str, mode: str) -> None:
+    """Per-process state of the writer."""
     _W.update(ds=_make_dataset(ds_kwargs), out=Path(out_dir), mode=mode)
 
 
@@ -287,16 +323,14 @@ def write_triplets(out_dir: Union[str, os.PathLike], hr: Union[str, Sequence[str
                     done[rec['index']] = rec
                 bar.update(len(results))
 
-    args = (ds_kwargs, str(out), mode, int(threads))
+    args = (ds_kwargs, str(out), mode)
     groups = _groups(todo, len(ds.paths))
     if todo:
         if int(workers) > 1:
-            import multiprocessing as mp
-            ctx = mp.get_context('fork' if hasattr(os, 'fork') else 'spawn')
-            with ctx.Pool(int(workers), initializer=_init_worker, initargs=args) as pool:
+            with worker_pool(int(workers), _init_worker, args, int(threads)) as pool:
                 _consume(pool.imap_unordered(_make_samples, groups, chunksize=1))
         else:  # in this process: leave its thread settings alone
-            _init_worker(ds_kwargs, str(out), mode, 0)
+            _init_worker(*args)
             _consume(_make_samples(g) for g in groups)
     _rewrite_meta(out, list(done.values()))  # sorted by index: identical bytes whatever the workers
     dt = time.time() - t0
