@@ -763,6 +763,10 @@ def _sample_set(ts: _TestSet, models: _Models, opt: Dict[str, Any], composer, me
                    'restoration_prompt': ts.restoration.get(key, ''), 'notes': ts.notes.get(key, []),
                    'seconds': round(dt, 4), 'batch': len(batch), 'peak_mem_mb': round(mem, 1),
                    'peak_mem_kind': mem_kind, 'device': device, 'time': get_time_str()}
+            if sr is not None:  # network evaluations of the batch (> steps when the latent was tiled)
+                rec['unet_calls'] = int(sampler.last_stats.get('unet_calls', 0))
+                if sampler.last_stats.get('vae_fp32_fallback'):
+                    rec['notes'] = rec['notes'] + ['VAE recomputed in fp32 (non-finite in low precision)']
             if sr is None:
                 rec.update(status='failed', message=f'{path}: sampling failed: {err_msg}')
                 logger.warning(f'[{ts.name}] {rec["message"]}')

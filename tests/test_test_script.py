@@ -147,7 +147,7 @@ def test_messy_folder_outputs_rules_prompts_and_metrics(first_run, messy):
     assert all(c['models']['captioner'] == 'llava' for c in captions)
     # per-image seeds, timing, memory; metrics where GT exists (a, b), means in the summary
     assert recs['a']['seed'] == T.image_seed(3, 'a') != recs['b']['seed']
-    assert recs['a']['seconds'] > 0 and recs['a']['peak_mem_mb'] > 0
+    assert recs['a']['seconds'] > 0 and recs['a']['peak_mem_mb'] > 0 and recs['a']['unet_calls'] == 2  # untiled
     assert set(recs['a']['metrics']) == {'psnr', 'ssim'} and 'metrics' in recs['gray']
     assert recs['gray']['metrics'] == {}
     summary = json.loads((d / 'summary.json').read_text())
@@ -229,13 +229,17 @@ def test_restoration_prompts_from_file_and_bad_options(tiny, messy, tmp_path):
     rfile = tmp_path / 'pr.jsonl'
     rfile.write_text(json.dumps({'key': 'a', 'labels': [0, 1, 2]}) + '\n' + json.dumps({'key': 'b', 'prompt': 'P'}) + '\n')
     ds = {'set1': {'dataroot_lq': messy['lq'], 'restoration_file': str(rfile)}}
+    tile = {'latent_size': 8, 'latent_overlap': 4, 'vae_decoder_tile': 8, 'vae_decoder_overlap': 2}
     res = T.test(_opt(tiny, messy, tmp_path, name='pr', captioner={'mode': 'none'}, irpad={'source': 'file'},
-                      datasets=ds))
+                      sampler={'tile': tile}, datasets=ds))
     recs = {r['key']: r for r in map(json.loads, (res['dir'] / 'set1' / 'records.jsonl').read_text().splitlines())}
     assert recs['a']['restoration_prompt'] == ('Deblur with sigma 0~0.25, Denoise with sigma 0.25~0.5, '
                                                'Dejpeg with sigma 0.5~0.75')
     assert recs['b']['restoration_prompt'] == 'P' and recs['gray']['notes'] == ['gray->rgb', 'no restoration prompt']
     assert 'no restoration prompt' not in recs['a']['notes']
+    # 24x32 LR -> 96x128 px padded to 128x128 -> 16x16 latent in 8x8 tiles (overlap 4): 3 x 3 tiles, 2 steps
+    assert recs['a']['unet_calls'] == 2 * 3 * 3 == recs['b']['unet_calls']
+    assert _img(res['dir'] / 'set1' / 'a.png').shape == (96, 128, 3)
     base = _opt(tiny, messy, tmp_path)
     with pytest.raises(OptionError, match="sampler block .*unknown key 'num_step'"):
         T.resolve_test_opt({**base, 'sampler': {'num_step': 2}})
