@@ -50,6 +50,10 @@ class _ResBlock(nn.Module):
         return x + self.conv2(self.act(self.conv1(self.act(x))))
 
 
+_POOLS = {'mean': lambda f: f.mean(-1), 'std': lambda f: f.std(-1, unbiased=False),
+          'max': lambda f: f.amax(-1), 'min': lambda f: f.amin(-1)}
+
+
 class ConvEncoder(nn.Module):
     """Small CNN trained from scratch; keeps full resolution in the stem (noise, JPEG blocks
     and blur are pixel-level cues), then halves the resolution per stage.
@@ -64,13 +68,15 @@ class ConvEncoder(nn.Module):
     Without it a from-scratch CNN sits at chance for hundreds of steps (docs/irpad.md).
 
     ``stat_tokens=True`` appends one token per resolution level (stem and every stage): the
-    spatial mean and std of that level's features, linearly projected to ``channels[-1]``
-    (output [B, N + S + 1, C]). They give the decoder direct access to the global statistics
-    of the shallow, full-resolution features where noise and JPEG cues live.
+    spatial statistics ``stat_pool`` (any of mean, std, max, min; default mean and std) of that
+    level's features, concatenated and linearly projected to ``channels[-1]`` (output
+    [B, N + S + 1, C]). They give the decoder direct access to the global statistics of the
+    shallow, full-resolution features where noise and JPEG cues live (min/max: the flattest
+    and the sharpest places, where noise and blur are best measured).
     """
 
     def __init__(self, channels: Sequence[int] = (16, 32, 64, 128), blocks_per_stage: int = 1,
-                 highpass: float = 0.0, stat_tokens: bool = False):
+                 highpass: float = 0.0, stat_tokens: bool = False, stat_pool: Sequence[str] = ('mean', 'std')):
         super().__init__()
         channels = [int(c) for c in channels]
         if len(channels) < 1:
@@ -88,8 +94,11 @@ class ConvEncoder(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
         self.stat_tokens = bool(stat_tokens)
+        self.stat_pool = [str(p) for p in stat_pool]
+        if not self.stat_pool or any(p not in _POOLS for p in self.stat_pool) or len(set(self.stat_pool)) != len(self.stat_pool):
+            raise ValueError(f'ConvEncoder: stat_pool must be distinct names from {sorted(_POOLS)}, got {stat_pool}')
         if self.stat_tokens:
-            self.stat_proj = nn.ModuleList(nn.Linear(2 * c, channels[-1]) for c in channels)
+            self.stat_proj = nn.ModuleList(nn.Linear(len(self.stat_pool) * c, channels[-1]) for c in channels)
         self.norm = nn.LayerNorm(channels[-1])
         self.out_dim = channels[-1]
         self.stride = 2 ** (len(channels) - 1)
@@ -107,7 +116,8 @@ class ConvEncoder(nn.Module):
         for i, proj in enumerate(self.stat_proj):
             if i:
                 f = self.stages[i - 1](f)
-            stats.append(proj(torch.cat([f.mean((2, 3)), f.std((2, 3), unbiased=False)], 1)))
+            flat = f.flatten(2)
+            stats.append(proj(torch.cat([_POOLS[p](flat) for p in self.stat_pool], 1)))
         tokens = torch.cat([f.flatten(2).transpose(1, 2), torch.stack(stats, 1)], 1)
         return self.norm(tokens)
 
