@@ -10,7 +10,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread by default: the tiny models gain little from more, and on a shared machine
+# oversubscribed threads made them up to 30x slower. DALPSR_TEST_THREADS=N overrides.
+torch.set_num_threads(max(1, int(os.environ.get('DALPSR_TEST_THREADS', '1'))))
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
