@@ -308,6 +308,11 @@ def test_conv_encoder_highpass_and_stat_tokens():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.stat_proj.parameters())
     with pytest.raises(ValueError, match='highpass must be >= 0'):
         ConvEncoder(highpass=-1)
+    with pytest.raises(ValueError, match='stat_pool must be distinct names'):
+        ConvEncoder(stat_tokens=True, stat_pool=['mean', 'median'])
+    torch.manual_seed(0)
+    enc = ConvEncoder(channels=(8, 16), stat_tokens=True, stat_pool=['mean', 'std', 'max', 'min'])
+    assert enc.stat_proj[0].in_features == 4 * 8 and enc(torch.rand(1, 3, 16, 16)).shape == (1, 64 + 2, 16)
     # noise raises the residual energy the stem sees: the high-pass input is what carries it
     enc = ConvEncoder(channels=(8,), highpass=8.0)
     img = torch.full((1, 3, 32, 32), 0.5)
