@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--caption-file', default=None, help='caption JSONL (key = image stem) stored with each sample')
     p.add_argument('--workers', type=int, default=1, help='processes (output does not depend on it)')
     p.add_argument('--threads', type=int, default=1, help='OpenCV/torch threads per worker process')
-    p.add_argument('--overwrite', action='store_true', help='archive a non-empty --out that cannot be resumed')
+    p.add_argument('--overwrite', action='store_true', help='start fresh: a non-empty --out is archived (renamed with a timestamp), never deleted')
     p.add_argument('--no-progress', action='store_true')
     p.add_argument('--quiet', action='store_true', help='no summary at the end')
     return p

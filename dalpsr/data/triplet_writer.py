@@ -242,7 +242,7 @@ def write_triplets(out_dir: Union[str, os.PathLike], hr: Union[str, Sequence[str
         degradation, prompt, small_image, caption_file: as :class:`TripletDataset`.
         workers: processes (results do not depend on it); threads: OpenCV/torch threads per
             worker process when ``workers > 1`` (0 = library default).
-        overwrite: archive a non-empty ``out_dir`` that is not a resumable set of these options.
+        overwrite: start fresh: a non-empty ``out_dir`` is archived (renamed ``<out>_archived_<time>``).
 
     Returns ``{'out_dir', 'num', 'generated', 'resumed', 'skipped_inputs', 'seconds'}``.
     Raises ``FileExistsError`` (refusal), ``FileNotFoundError`` / ``ValueError`` (bad inputs).
