@@ -272,8 +272,8 @@ def main(argv=None):
     cv2.setNumThreads(args.threads)
     load = os.getloadavg() if hasattr(os, 'getloadavg') else (float('nan'),) * 3
     print(f'load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs); '
-          f'threads={args.threads}, {args.gt_size} -> {args.gt_size // 4}, {args.num} samples each in '
-          f'{args.rounds} interleaved rounds, seed {args.seed}')
+          f'threads={args.threads}, {args.gt_size} -> {args.gt_size // 4}, {args.num} samples each (reference: '
+          f'whole batches) in {args.rounds} interleaved rounds, seed {args.seed}')
     n_crops = min(args.num, 32)
     crops = make_crops(n_crops, args.gt_size, args.seed)
     spec = PromptSpec()
