@@ -12,7 +12,8 @@ with seed 2 (training used seed 1) -> 128x128 LR. It is built on first use (--hr
 Prints, per degradation type: accuracy, balanced accuracy (mean recall over intervals),
 accuracy within one interval, and writes to --out: metrics.json (those numbers, confusion
 matrices, label histograms, per-source-image accuracy, accuracy of each type split by the true
-interval of each other type, model and data descriptions) and confusion_<type>.png. An existing non-empty --out is refused unless --overwrite (it is then
+interval of each other type, model and data descriptions), confusion_<type>.png and
+predictions.npz (pred [N, T], labels [N, T], keys: for analyses against the recorded params). An existing non-empty --out is refused unless --overwrite (it is then
 archived with a timestamp, never deleted).
 """
 import argparse
@@ -70,7 +71,7 @@ def main(argv=None):
     from tqdm import tqdm
     from dalpsr.data.lr_cache import build_lr_cache, load_lr_cache
     from dalpsr.models.irpad_model import IRPADPredictor, confusion_matrices, confusion_metrics
-    from dalpsr.utils.misc import atomic_write_json, mkdir_and_rename
+    from dalpsr.utils.misc import atomic_path, atomic_write_json, mkdir_and_rename
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -144,6 +145,9 @@ def main(argv=None):
         'command': ' '.join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
     }
     atomic_write_json(os.path.join(out, 'metrics.json'), result)
+    with atomic_path(os.path.join(out, 'predictions.npz')) as tmp:
+        with open(tmp, 'wb') as f:
+            np.savez(f, pred=pred.numpy().astype(np.int64), labels=lab, keys=np.asarray(data['keys']))
     for i, t in enumerate(types):
         labels_txt = [f'{lo:g}~{hi:g}' for lo, hi in (spec.bounds(j) for j in range(spec.num_intervals))]
         plot_confusion(conf[i], t, labels_txt, os.path.join(out, f'confusion_{t}.png'),

@@ -53,6 +53,9 @@ def test_eval_irpad_metrics_outputs_and_refusals(tmp_path, capsys):
     m = lab[:, 2] == k
     assert res['accuracy_by_other_interval']['noise']['jpeg'][k] == pytest.approx(float((pred[m, 1] == lab[m, 1]).mean()))
     assert res['num_samples'] == 12 and res['lr_size'] == [16, 16]
+    saved = np.load(os.path.join(out, 'predictions.npz'))
+    assert np.array_equal(saved['pred'], pred) and np.array_equal(saved['labels'], lab)
+    assert saved['keys'].tolist() == cache['keys'].tolist()
     assert 'acc' in capsys.readouterr().out
     # an existing result is refused, then archived with --overwrite
     assert eval_irpad.main(['--model', model_dir, '--data', data, '--out', out]) == 2
