@@ -14,7 +14,8 @@ i % (number of images) and depends only on --seed and i (not on --workers). Runn
 command again resumes (finished samples are kept); a non-empty --out that is not such a set is
 refused unless --overwrite (the old folder is archived with a timestamp, never deleted).
 Degradation / prompt options: -opt FILE (YAML with degradation:, prompt:, small_image:,
-caption_file: blocks, see options/reference/data.yml) and/or --set degradation.jpeg_range=[60,95].
+caption_file: blocks, see options/reference/data.yml) and/or --set degradation.jpeg_range=[60,95];
+or a training YAML with --block datasets.train (its dataset's degradation, prompt, small_image).
 Layout and rules: dalpsr/data/triplet_writer.py and docs/degradation.md.
 Exit status: 0 done, 2 bad input/options (one-line message), 130 interrupted.
 """
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='synthetic test set: random crops, no flips, GT/ and LR/ folders with the same names')
     p.add_argument('--no-flip', action='store_true', help='training set without flips/rotations')
     p.add_argument('-opt', '--opt', default=None, help='YAML with degradation/prompt/small_image/caption_file')
+    p.add_argument('--block', default=None, metavar='DOTTED.KEY',
+                   help='take degradation/prompt/small_image from this dataset block of the -opt file '
+                        '(a training YAML), e.g. --block datasets.train')
     p.add_argument('--set', action='append', default=[], metavar='KEY.SUB=VALUE',
                    help='override an -opt key, e.g. --set degradation.jpeg_range=[60,95] (repeatable)')
     p.add_argument('--small-image', choices=['pad', 'skip'], default=None,
@@ -56,9 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_opt(path, overrides):
-    from dalpsr.utils.options import OptionError, apply_overrides, check_keys, load_yaml
+def load_opt(path, overrides, block=None):
+    """The -opt file: top-level degradation/prompt/small_image/caption_file keys, or (``block``,
+    e.g. 'datasets.train') the degradation/prompt/small_image of a dataset block of a training
+    YAML, so a written set degrades exactly like the training data."""
+    from dalpsr.utils.options import OptionError, apply_overrides, check_keys, get_opt, load_yaml
     opt = load_yaml(path) if path else {}
+    if block:
+        if not path:
+            raise OptionError('--block needs -opt FILE')
+        ds = get_opt(dict(opt, _source=path), block)
+        if not isinstance(ds, dict):
+            raise OptionError(f"'{block}' in {path} is not a dataset block")
+        opt = {k: ds[k] for k in ('degradation', 'prompt', 'small_image') if k in ds and ds[k] is not None}
     for k in OPT_KEYS:
         if k in ('degradation', 'prompt'):
             opt.setdefault(k, {})
@@ -77,7 +91,7 @@ def main(argv=None) -> int:
     from dalpsr.data.triplet_writer import write_triplets
     from dalpsr.utils.options import OptionError
     try:
-        opt = load_opt(args.opt, args.set)
+        opt = load_opt(args.opt, args.set, args.block)
         hr, meta_info = args.hr, None
         if os.path.isfile(args.hr) and not args.hr.lower().endswith(
                 ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')):

@@ -257,3 +257,18 @@ def test_worker_pool_sets_threads_without_deadlock(tmp_path):
                        env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ['[1]', '2']  # workers ran with 1 thread; the parent got its 2 back
+
+
+def test_degradation_from_a_training_yaml_block(gen, tmp_path, capsys):
+    train = tmp_path / 'train.yml'
+    train.write_text('name: x\ndatasets:\n  train:\n    type: TripletDataset\n    dataroot_gt: sample:train\n'
+                     '    degradation: {jpeg_range: [93, 93], jpeg_range2: [92, 92]}\n'
+                     '    prompt: {types: [jpeg, blur], num_intervals: 3}\n')
+    out = tmp_path / 'from_train'
+    assert _run(gen, out, '-opt', train, '--block', 'datasets.train', num=1) == 0
+    rec = json.loads((out / 'meta.jsonl').read_text().splitlines()[0])
+    assert rec['params']['order1']['jpeg'] == 93 and rec['params']['final']['jpeg'] == 92
+    assert rec['prompt'].startswith('Dejpeg with sigma') and len(rec['labels']) == 2
+    capsys.readouterr()
+    assert _run(gen, tmp_path / 'b', '-opt', train, '--block', 'datasets.val', num=1) == 2
+    assert "missing required key 'datasets.val'" in capsys.readouterr().err
