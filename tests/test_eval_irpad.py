@@ -57,6 +57,21 @@ def test_eval_irpad_metrics_outputs_and_refusals(tmp_path, capsys):
     assert np.array_equal(saved['pred'], pred) and np.array_equal(saved['labels'], lab)
     assert saved['keys'].tolist() == cache['keys'].tolist()
     assert 'acc' in capsys.readouterr().out
+    # the error analysis groups those predictions by the recorded params
+    spec_a = importlib.util.spec_from_file_location('irpad_error_analysis', REPO / 'scripts' / 'irpad_error_analysis.py')
+    ana = importlib.util.module_from_spec(spec_a)
+    spec_a.loader.exec_module(ana)
+    assert ana.main(['--eval', out, '--data', data, '--json', str(tmp_path / 'ana.json')]) == 0
+    table = json.load(open(tmp_path / 'ana.json'))
+    kinds = [json.loads(str(q))['order2']['noise']['kind'] for q in cache['params']]
+    for kind, row in table['last noise kind'].items():
+        m = np.array(kinds) == kind
+        assert row['n'] == int(m.sum())
+        assert row['acc/noise'] == pytest.approx(float((pred[m, 1] == lab[m, 1]).mean()))
+        assert row['bias/noise'] == pytest.approx(float((pred[m, 1] - lab[m, 1]).mean()))
+    assert sum(r['n'] for r in table['photo'].values()) == 12
+    assert ana.main(['--eval', str(tmp_path), '--data', data]) == 2
+    capsys.readouterr()
     # an existing result is refused, then archived with --overwrite
     assert eval_irpad.main(['--model', model_dir, '--data', data, '--out', out]) == 2
     assert 'exists' in capsys.readouterr().err
