@@ -14,6 +14,8 @@ setup(
     long_description=open(os.path.join(here, 'README.md'), encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     packages=find_packages(include=['dalpsr', 'dalpsr.*']),
+    # data files read at run time (architecture configs, the RAM checkpoint layout, tag vocabulary)
+    package_data={'dalpsr': ['archs/*.json', 'archs/configs/*.json', 'captioning/*.txt']},
     python_requires='>=3.10',
     install_requires=requirements,
     license='Apache-2.0',

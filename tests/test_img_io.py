@@ -101,3 +101,29 @@ def test_tensor_conversions():
     assert t.shape == (3, 4, 5) and t.dtype == torch.float32
     assert np.array_equal(tensor2img(t[None]), img)
     assert tensor2img(torch.full((3, 2, 2), 2.0)).max() == 1.0
+
+
+def test_float_tiff_rules(tmp_path, monkeypatch):
+    import cv2
+    good = np.linspace(-0.5, 1.5, 4 * 5 * 3, dtype=np.float32).reshape(4, 5, 3)
+    p = tmp_path / 'f.tif'
+    assert cv2.imwrite(str(p), good)
+    x = read_image(p)  # float: clipped to [0, 1], BGR -> RGB
+    assert np.array_equal(x, np.clip(good[:, :, ::-1], 0, 1))
+    bad = good.copy()
+    bad[1, 2, 0] = np.nan
+    q = tmp_path / 'nan.tif'
+    assert cv2.imwrite(str(q), bad)
+    with pytest.raises(ImageReadError, match='NaN'):
+        read_image(q)
+    # a decoder that returns other bytes on the second call (OpenCV on multi-page float64 TIFFs)
+    real = cv2.imdecode
+    calls = []
+
+    def flaky(buf, flags):
+        out = real(buf, flags)
+        calls.append(1)
+        return out + len(calls) if out is not None and out.dtype.kind == 'f' else out
+    monkeypatch.setattr(cv2, 'imdecode', flaky)
+    with pytest.raises(ImageReadError, match='decodes differently'):
+        read_image(p)

@@ -8,7 +8,7 @@ input                rule
 grayscale (8/16 bit) replicated to 3 channels
 gray + alpha, RGBA   alpha-composited onto a white background (alpha dropped)
 16-bit               scaled by 1/65535 (full precision kept as float)
-float TIFF/EXR       clipped to [0, 1]
+float TIFF/EXR       clipped to [0, 1]; refused if NaN/inf or not decoded identically twice
 corrupt / truncated  :class:`ImageReadError` naming the file and the reason
 not an image         :class:`ImageReadError`
 ===================  =====================================================================
@@ -46,6 +46,15 @@ def decode_file(path: PathLike) -> np.ndarray:
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise ImageReadError(f"{path}: not a readable image (corrupt, truncated or unsupported format)")
+    if img.dtype.kind == 'f':
+        # OpenCV decodes some float TIFFs (e.g. multi-page float64) from uninitialised memory:
+        # a second decode must give the same bytes, and every value must be finite.
+        again = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        if again is None or again.shape != img.shape or again.tobytes() != img.tobytes():
+            raise ImageReadError(f"{path}: float image decodes differently on each read "
+                                 f"(OpenCV cannot read this TIFF reliably; convert it to PNG)")
+        if not np.isfinite(img).all():
+            raise ImageReadError(f"{path}: float image holds NaN/inf values")
     return img
 
 
