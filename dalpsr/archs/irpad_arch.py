@@ -73,10 +73,16 @@ class ConvEncoder(nn.Module):
     [B, N + S + 1, C]). They give the decoder direct access to the global statistics of the
     shallow, full-resolution features where noise and JPEG cues live (min/max: the flattest
     and the sharpest places, where noise and blur are best measured).
+
+    ``dstat_tokens=n`` (> 0) appends n more tokens made from hand-crafted degradation
+    statistics of the whole LR (noise level in flat cells, gradient and spectrum fall-off,
+    8x8 blockiness and DCT zero fractions; :mod:`dalpsr.archs.degradation_stats`), output
+    [B, N + ... + n, C]. They need LR crops of at least 16x16.
     """
 
     def __init__(self, channels: Sequence[int] = (16, 32, 64, 128), blocks_per_stage: int = 1,
-                 highpass: float = 0.0, stat_tokens: bool = False, stat_pool: Sequence[str] = ('mean', 'std')):
+                 highpass: float = 0.0, stat_tokens: bool = False, stat_pool: Sequence[str] = ('mean', 'std'),
+                 dstat_tokens: int = 0):
         super().__init__()
         channels = [int(c) for c in channels]
         if len(channels) < 1:
@@ -99,6 +105,12 @@ class ConvEncoder(nn.Module):
             raise ValueError(f'ConvEncoder: stat_pool must be distinct names from {sorted(_POOLS)}, got {stat_pool}')
         if self.stat_tokens:
             self.stat_proj = nn.ModuleList(nn.Linear(len(self.stat_pool) * c, channels[-1]) for c in channels)
+        self.dstat_tokens = int(dstat_tokens or 0)
+        if self.dstat_tokens < 0:
+            raise ValueError(f'ConvEncoder: dstat_tokens must be >= 0, got {dstat_tokens}')
+        if self.dstat_tokens:
+            from dalpsr.archs.degradation_stats import DegradationStatsTokens
+            self.dstat = DegradationStatsTokens(channels[-1], self.dstat_tokens)
         self.norm = nn.LayerNorm(channels[-1])
         self.out_dim = channels[-1]
         self.stride = 2 ** (len(channels) - 1)
@@ -109,16 +121,17 @@ class ConvEncoder(nn.Module):
             low = F.avg_pool2d(F.pad(y, (1, 1, 1, 1), mode='reflect'), 3, stride=1)
             y = torch.cat([y, self.highpass * (y - low)], 1)
         f = self.stem(y)
+        extra = [self.dstat(x)] if self.dstat_tokens else []
         if not self.stat_tokens:
             f = self.stages(f)
-            return self.norm(f.flatten(2).transpose(1, 2))
+            return self.norm(torch.cat([f.flatten(2).transpose(1, 2)] + extra, 1))
         stats = []
         for i, proj in enumerate(self.stat_proj):
             if i:
                 f = self.stages[i - 1](f)
             flat = f.flatten(2)
             stats.append(proj(torch.cat([_POOLS[p](flat) for p in self.stat_pool], 1)))
-        tokens = torch.cat([f.flatten(2).transpose(1, 2), torch.stack(stats, 1)], 1)
+        tokens = torch.cat([f.flatten(2).transpose(1, 2), torch.stack(stats, 1)] + extra, 1)
         return self.norm(tokens)
 
 

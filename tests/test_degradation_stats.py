@@ -1,0 +1,93 @@
+"""Hand-crafted degradation statistics (dalpsr/archs/degradation_stats.py): each group of
+features moves the way its degradation says, on a real photo."""
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from dalpsr.archs.degradation_stats import NUM_FEATURES, degradation_statistics
+from dalpsr.archs.irpad_arch import IRPAD, ConvEncoder
+
+NOISE = slice(0, 6)          # luma local-std quantiles
+SPECTRUM = slice(20, 30)     # radial power bands relative to the lowest
+BLOCK_X = slice(30, 38)      # column-phase blockiness
+DCT = slice(46, 110)         # zero fractions of the 64 DCT frequencies
+
+
+@pytest.fixture(scope='module')
+def photo():
+    from dalpsr.data.sample_images import sample_image_paths
+    path = [p for p in sample_image_paths('train') if 'astronaut' in str(p)][0]
+    img = cv2.imread(str(path))[64:192, 160:288]
+    return np.ascontiguousarray(img)
+
+
+def _t(img_bgr):
+    return torch.from_numpy(img_bgr[..., ::-1].copy()).permute(2, 0, 1)[None].float() / 255.0
+
+
+def _jpeg(img, q):
+    ok, buf = cv2.imencode('.jpg', img, [cv2.IMWRITE_JPEG_QUALITY, q])
+    return cv2.imdecode(buf, cv2.IMREAD_COLOR)
+
+
+def test_features_follow_noise_blur_and_jpeg(photo):
+    rng = np.random.default_rng(0)
+    clean = _t(photo)
+    f = lambda x: degradation_statistics(x)[0]  # noqa: E731
+    base = f(clean)
+    assert base.shape == (NUM_FEATURES,) and torch.isfinite(base).all()
+    # noise: every luma quantile rises, more with more noise
+    levels = [f((clean + s / 255.0 * torch.from_numpy(rng.standard_normal(clean.shape)).float()).clamp(0, 1))
+              for s in (3, 10)]
+    assert (levels[0][NOISE] > base[NOISE]).all() and (levels[1][NOISE] > levels[0][NOISE]).all()
+    # blur: the high-frequency bands fall relative to the low ones, more with a wider kernel
+    b1 = f(_t(cv2.GaussianBlur(photo, (0, 0), 1.0)))
+    b2 = f(_t(cv2.GaussianBlur(photo, (0, 0), 2.0)))
+    mid = lambda v: v[SPECTRUM][2:7].mean()  # noqa: E731  (0.1-0.35 cycles/px; higher bands sit on the 8-bit floor)
+    assert mid(b1) < mid(base) - 0.3 and mid(b2) < mid(b1) - 0.3
+    # JPEG on the (0, 0) grid: more zeroed DCT coefficients and block edges at phase 7 (between
+    # columns 8k+7 and 8k+8) the lower the quality
+    q90, q20 = f(_t(_jpeg(photo, 90))), f(_t(_jpeg(photo, 20)))
+    assert q20[DCT].mean() > q90[DCT].mean() + 0.1 > base[DCT].mean() + 0.1
+    assert int(q20[BLOCK_X].argmax()) == 7 and q20[BLOCK_X][7] > q90[BLOCK_X][7]
+
+
+def test_any_size_batch_independence_and_bad_input(photo):
+    x = _t(photo)
+    big = torch.cat([x, x.flip(-1)], 0)
+    assert torch.allclose(degradation_statistics(big)[0], degradation_statistics(x)[0])
+    assert degradation_statistics(torch.rand(1, 3, 16, 37)).shape == (1, NUM_FEATURES)
+    with pytest.raises(ValueError, match='at least 16x16'):
+        degradation_statistics(torch.rand(1, 3, 12, 40))
+    with pytest.raises(ValueError, match=r'\[B, 3, h, w\]'):
+        degradation_statistics(torch.rand(3, 32, 32))
+
+
+def test_conv_encoder_statistics_tokens_train_and_round_trip(tmp_path):
+    torch.manual_seed(0)
+    enc = ConvEncoder(channels=(8, 16), stat_tokens=True, dstat_tokens=3)
+    tok = enc(torch.rand(4, 3, 32, 32))
+    assert tok.shape == (4, 16 * 16 + 2 + 3, 16)
+    (tok * torch.randn_like(tok)).sum().backward()
+    assert enc.dstat.mlp[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match='dstat_tokens must be >= 0'):
+        ConvEncoder(dstat_tokens=-1)
+    # the BatchNorm running statistics are part of the saved model
+    from dalpsr.data.prompt_labels import PromptSpec
+    from dalpsr.models.irpad_model import IRPADPredictor, save_irpad
+    popt = {'types': ['blur', 'noise', 'jpeg'], 'num_intervals': 4}
+    spec = PromptSpec.from_opt(popt)
+    cfg = {'image_encoder': {'type': 'conv', 'channels': [8, 16], 'dstat_tokens': 2},
+           'prompt_embedding': {'type': 'learnable'}, 'embed_dim': 16, 'num_heads': 2}
+    net = IRPAD(num_types=3, num_intervals=4, candidates=spec.candidates(), **cfg)
+    net.train()
+    for _ in range(3):
+        net(torch.rand(4, 3, 24, 24))
+    net.eval()
+    assert net.image_encoder.dstat.norm.num_batches_tracked.item() == 3
+    save_irpad(net, popt, str(tmp_path / 'export'))
+    pred = IRPADPredictor.from_pretrained(str(tmp_path / 'export'))
+    lq = torch.rand(2, 3, 40, 40)
+    with torch.no_grad():
+        assert torch.allclose(pred.predict_logits(lq), net(lq), atol=1e-5)
