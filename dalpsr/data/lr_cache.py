@@ -63,6 +63,22 @@ def _dihedral(img: np.ndarray, code: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(img, code & 3))
 
 
+def sample_gt(hr_paths: Sequence[str], gt_size: int, seed: int, i: int, images: Optional[Dict[int, np.ndarray]] = None):
+    """The HR crop of sample ``i`` of a cache built from ``hr_paths`` with ``gt_size`` and ``seed``:
+    returns ``(photo index, gt [gt_size, gt_size, 3] float32 RGB in [0, 1], rng)`` where ``rng``
+    is positioned where the degradation draws its parameters (so ``deg(gt, rng)`` reproduces the
+    cached sample). ``images`` memoises decoded photos across calls."""
+    from dalpsr.utils.img_io import read_image
+    from dalpsr.utils.misc import sample_rng
+    images = {} if images is None else images
+    rng = sample_rng(seed, i)
+    j = int(rng.integers(0, len(hr_paths)))
+    if j not in images:
+        images[j] = read_image(hr_paths[j])
+    gt = _dihedral(_crop(images[j], gt_size, rng), int(rng.integers(0, 8)))
+    return j, np.ascontiguousarray(gt, dtype=np.float32), rng
+
+
 _WORKER: Dict[str, Any] = {}
 
 
@@ -75,15 +91,9 @@ def _init_worker(hr_paths, gt_size, seed, degradation, prompt):
 
 def _make_sample(i: int):
     from dalpsr.data.prompt_labels import degrees
-    from dalpsr.utils.img_io import read_image
-    from dalpsr.utils.misc import sample_rng
     w = _WORKER
-    rng = sample_rng(w['seed'], i)
-    j = int(rng.integers(0, len(w['paths'])))
-    if j not in w['images']:
-        w['images'][j] = read_image(w['paths'][j])
-    gt = _dihedral(_crop(w['images'][j], w['gt_size'], rng), int(rng.integers(0, 8)))
-    out = w['deg'](np.ascontiguousarray(gt, dtype=np.float32), rng)
+    j, gt, rng = sample_gt(w['paths'], w['gt_size'], w['seed'], i, w['images'])
+    out = w['deg'](gt, rng)
     lq = np.clip(np.round(out['lq'] * 255.0), 0, 255).astype(np.uint8)
     spec = w['spec']
     deg = degrees(out['params'])
