@@ -91,3 +91,16 @@ def test_conv_encoder_statistics_tokens_train_and_round_trip(tmp_path):
     lq = torch.rand(2, 3, 40, 40)
     with torch.no_grad():
         assert torch.allclose(pred.predict_logits(lq), net(lq), atol=1e-5)
+
+
+def test_exposure_features_see_clipping_and_mid_gray_noise(photo):
+    exposure = slice(110, 115)
+    x = _t(photo)
+    dark = degradation_statistics(x * 0.05)[0][exposure]
+    base = degradation_statistics(x)[0][exposure]
+    assert dark[0] < base[0] and dark[1] > 0.5 > base[1]          # mean luma, near-black fraction
+    assert dark[3] < base[3]                                         # fewer mid-brightness cells
+    flat = torch.full((1, 3, 64, 64), 0.5)
+    noisy = (flat + 5 / 255.0 * torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    e0, e1 = degradation_statistics(flat)[0][exposure], degradation_statistics(noisy)[0][exposure]
+    assert e0[3] == 1.0 and e1[4] > e0[4] + 2.0                      # all cells mid; noise raises their std
