@@ -104,3 +104,14 @@ def test_exposure_features_see_clipping_and_mid_gray_noise(photo):
     noisy = (flat + 5 / 255.0 * torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     e0, e1 = degradation_statistics(flat)[0][exposure], degradation_statistics(noisy)[0][exposure]
     assert e0[3] == 1.0 and e1[4] > e0[4] + 2.0                      # all cells mid; noise raises their std
+
+
+def test_statistics_tokens_accept_a_training_batch_of_one():
+    from dalpsr.archs.degradation_stats import DegradationStatsTokens
+    torch.manual_seed(0)
+    tok = DegradationStatsTokens(dim=8, num_tokens=2).train()
+    tok(torch.rand(4, 3, 32, 32))                     # updates the running statistics
+    mean = tok.norm.running_mean.clone()
+    one = tok(torch.rand(1, 3, 32, 32))
+    assert one.shape == (1, 2, 8) and torch.isfinite(one).all()
+    assert torch.equal(tok.norm.running_mean, mean)   # a single sample does not move them

@@ -123,7 +123,8 @@ def degradation_statistics(lq: torch.Tensor) -> torch.Tensor:
 class DegradationStatsTokens(nn.Module):
     """lq [B, 3, h, w] in [0, 1] -> ``num_tokens`` tokens [B, num_tokens, dim]: the statistics
     above, BatchNorm-standardised (running statistics are saved with the model) and mapped by a
-    two-layer MLP. No gradient flows into the image through this path."""
+    two-layer MLP. No gradient flows into the image through this path. A training batch of one
+    sample is normalised with the running statistics (BatchNorm cannot use a batch of one)."""
 
     def __init__(self, dim: int, num_tokens: int = 4, hidden: int = 256):
         super().__init__()
@@ -134,5 +135,10 @@ class DegradationStatsTokens(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(NUM_FEATURES, hidden), nn.GELU(), nn.Linear(hidden, self.num_tokens * self.dim))
 
     def forward(self, lq: torch.Tensor) -> torch.Tensor:
-        f = self.norm(degradation_statistics(lq).to(self.mlp[0].weight.dtype))
+        f = degradation_statistics(lq).to(self.mlp[0].weight.dtype)
+        if self.training and f.shape[0] == 1:  # batch statistics need 2+ samples: use the running ones
+            n = self.norm
+            f = F.batch_norm(f, n.running_mean, n.running_var, n.weight, n.bias, False, 0.0, n.eps)
+        else:
+            f = self.norm(f)
         return self.mlp(f).view(lq.shape[0], self.num_tokens, self.dim)
