@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from dalpsr.utils.misc import resolve_device  # noqa: E402
+
 
 def peak_mb(device) -> float:
     if device.type == 'cuda':
@@ -142,7 +144,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from dalpsr.captioning.taggers import resolve_dtype
-    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
+    try:
+        device = torch.device(resolve_device(args.device))
+    except ValueError as err:
+        p.error(str(err))
     gpu = device.type == 'cuda'
     dtype = resolve_dtype(args.dtype, device)
     args.ram_batch = [int(x) for x in (args.ram_batch or ('1,8,32' if gpu else '1')).split(',')]

@@ -39,6 +39,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from dalpsr.utils.misc import resolve_device  # noqa: E402
+
 VARIANTS = ('plain', 'ours_image', 'ours', 'ours_cl', 'ours_compile', 'ours_graphs')
 PROMPT = ('Deblur with sigma 0.5~0.75, Denoise with sigma 0~0.25, Dejpeg with sigma 0.25~0.5. A detailed photograph '
           'of an old stone bridge over a slow river in autumn light. clean, high-resolution, 8k')
@@ -147,10 +149,10 @@ def main(argv=None) -> int:
     p.add_argument('--json', default=None, help='also write the results to this JSON file')
     p.add_argument('--one', default=None, help=argparse.SUPPRESS)  # internal: run one variant here
     args = p.parse_args(argv)
-    if args.device == 'auto':
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if args.device == 'cuda' and not torch.cuda.is_available():
-        p.error('--device cuda: no CUDA device is available')
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as err:
+        p.error(str(err))
     gpu = args.device == 'cuda'
     args.size = args.size or (512 if gpu else 64)
     args.steps = args.steps or ('50,20' if gpu else '2')

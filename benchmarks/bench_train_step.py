@@ -37,6 +37,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from dalpsr.utils.misc import resolve_device  # noqa: E402
+
 _WORDS = ('a detailed photograph of an old stone bridge over a slow river in autumn light with red and '
           'yellow trees on both banks reflections on the water a small boat moored under the arch moss on '
           'the wet stones soft clouds in a pale blue sky and distant hills fading into haze the style is '
@@ -139,10 +141,10 @@ def main(argv=None) -> int:
     p.add_argument('--one', action='store_true', help=argparse.SUPPRESS)  # internal: run one config here
     args = p.parse_args(argv)
 
-    if args.device == 'auto':
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if args.device == 'cuda' and not torch.cuda.is_available():
-        p.error('--device cuda: no CUDA device is available')
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as err:
+        p.error(str(err))
     gpu = args.device == 'cuda'
     args.size = args.size or (512 if gpu else 128)
     args.batch = args.batch or (4 if gpu else 1)

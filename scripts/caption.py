@@ -94,14 +94,17 @@ def build_pipeline(args, device: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
     from tqdm import tqdm
 
     from dalpsr.captioning.captions import file_sha1, make_record, read_caption_records
     from dalpsr.utils.img_io import ImageReadError, read_image
-    from dalpsr.utils.misc import append_jsonl, get_time_str, scan_images
+    from dalpsr.utils.misc import append_jsonl, get_time_str, resolve_device, scan_images
 
-    device = ('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
     root = Path(args.input)
     try:
         paths = scan_images(root, recursive=not args.no_recursive)

@@ -73,3 +73,14 @@ def test_scan_images(tmp_path):
     assert [p.name for p in scan_images(tmp_path, recursive=False)] == ['a.jpg', 'b.PNG']
     with pytest.raises(FileNotFoundError):
         scan_images(tmp_path / 'none')
+
+
+def test_resolve_device(monkeypatch):
+    import torch
+    from dalpsr.utils.misc import resolve_device
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert resolve_device('auto') == 'cpu' and resolve_device('cpu') == 'cpu'
+    with pytest.raises(ValueError, match='cuda:1: no CUDA device'):
+        resolve_device('cuda:1')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    assert resolve_device('auto') == 'cuda' and resolve_device('cuda:1') == 'cuda:1'

@@ -41,6 +41,18 @@ def sample_rng(*keys: int) -> np.random.Generator:
     return np.random.default_rng([int(k) % (2 ** 63) for k in keys])
 
 
+def resolve_device(name: str = 'auto') -> str:
+    """``'auto'`` -> ``'cuda'`` when a CUDA device is available, else ``'cpu'``; any other name is
+    returned as given, except a CUDA device on a machine without one: ValueError (one line)."""
+    import torch
+    name = str(name)
+    if name == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f'device {name}: no CUDA device is available')
+    return name
+
+
 def is_image_file(path: PathLike) -> bool:
     return str(path).lower().endswith(IMG_EXTENSIONS)
 
