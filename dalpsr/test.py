@@ -368,10 +368,11 @@ def _gt_key(key: str) -> str:
 # the run
 # ---------------------------------------------------------------------------------------------
 def _device(name: Optional[str]) -> str:
-    import torch
-    if name in (None, 'auto'):
-        return 'cuda' if torch.cuda.is_available() else 'cpu'
-    return str(name)
+    from dalpsr.utils.misc import resolve_device
+    try:
+        return resolve_device('auto' if name is None else name)
+    except ValueError as err:
+        raise OptionError(str(err)) from None
 
 
 def _model_dtype(name: str, device: str) -> str:

@@ -71,16 +71,23 @@ def main(argv=None):
         return 2
     data = load_lr_cache(args.data)
     meta = data['meta']
-    paths = resolve_hr_paths(args.hr)
+    try:
+        paths = resolve_hr_paths(args.hr)
+    except FileNotFoundError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
     if [os.path.basename(q) for q in paths] != list(meta['hr']):
         print(f"error: --hr {args.hr} gives {[os.path.basename(q) for q in paths]}, the cache was built "
               f"from {meta['hr']}", file=sys.stderr)
         return 2
     spec = PromptSpec.from_opt(meta.get('prompt'))
+    if 'noise' not in spec.types:
+        print(f'error: the labels of {args.data} have no noise type ({spec.types})', file=sys.stderr)
+        return 2
     deg = RealESRGANDegradation(**(meta.get('degradation') or {}))
     n = min(args.num, len(data['lq']))
     images = {}
-    vis = {'noise': np.zeros(n)}
+    visible = np.zeros(n)
     for i in tqdm(range(n), desc='re-degrading', unit='sample'):
         params = json.loads(str(data['params'][i]))
         _, gt, _ = sample_gt(paths, int(meta['gt_size']), int(meta['seed']), i, images)
@@ -90,18 +97,16 @@ def main(argv=None):
             print(f'error: sample {i} does not reproduce the cached LR (different code or options)', file=sys.stderr)
             return 2
         _, alt = deg.apply(gt, _without_noise(params))
-        vis['noise'][i] = float(np.sqrt(np.mean((lq - alt) ** 2)) * 255.0)
+        visible[i] = float(np.sqrt(np.mean((lq - alt) ** 2)) * 255.0)
     out = {'data': args.data, 'num_samples': n, 'types': {}}
     print(f'{n} samples of {args.data}')
     print(f"{'type':6s} {'spearman(degree, visible)':>26s} {'ceiling acc':>12s}")
-    for what, v in vis.items():
-        t = spec.types.index(what)
-        labels = np.asarray(data['labels'][:n, t])
-        rho = spearman(np.asarray(data['degrees'][:n, t]), v)
-        acc = ceiling_accuracy(v, labels, spec.num_intervals)
-        out['types'][what] = {'spearman': rho, 'ceiling_acc': acc,
-                              'visible_rms_quantiles': np.quantile(v, [0.1, 0.25, 0.5, 0.75, 0.9]).round(3).tolist()}
-        print(f'{what:6s} {rho:26.3f} {acc:12.3f}')
+    t = spec.types.index('noise')
+    rho = spearman(np.asarray(data['degrees'][:n, t]), visible)
+    acc = ceiling_accuracy(visible, np.asarray(data['labels'][:n, t]), spec.num_intervals)
+    out['types']['noise'] = {'spearman': rho, 'ceiling_acc': acc,
+                             'visible_rms_quantiles': np.quantile(visible, [0.1, 0.25, 0.5, 0.75, 0.9]).round(3).tolist()}
+    print(f"{'noise':6s} {rho:26.3f} {acc:12.3f}")
     if args.json:
         from dalpsr.utils.misc import atomic_write_json
         atomic_write_json(args.json, out)

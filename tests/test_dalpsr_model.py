@@ -78,14 +78,6 @@ def _recording_model_class():
 _recording_model_class()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope='module')
 def tiny_sd(tmp_path_factory):

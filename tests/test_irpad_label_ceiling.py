@@ -30,6 +30,7 @@ def test_script_reproduces_the_cache_and_rejects_a_foreign_one(tmp_path):
     assert res['visible_rms_quantiles'][-1] > res['visible_rms_quantiles'][0] >= 0.0
     # a cache from other photos, or a changed LR, is refused rather than analysed
     assert ceiling.main(['--data', cache, '--hr', 'sample:train', '--num', '4']) == 2
+    assert ceiling.main(['--data', cache, '--hr', str(tmp_path / 'no_such_folder'), '--num', '4']) == 2
     z = dict(np.load(cache))
     z['lq'] = z['lq'].copy()
     z['lq'][0] ^= 1

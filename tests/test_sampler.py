@@ -8,14 +8,6 @@ from dalpsr.pipelines import DaLPSRSampler, TileOptions
 from dalpsr.pipelines.schedulers import build_scheduler
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster, and two thrash a CPU shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 SD21_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
                       prediction_type='epsilon', steps_offset=1, clip_sample=False, set_alpha_to_one=False,

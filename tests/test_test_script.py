@@ -7,18 +7,10 @@ import re
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from dalpsr import test as T
 from dalpsr.utils.options import OptionError, load_options
 
-
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():  # module scope: the module fixtures below run tiny models too (2 threads thrash a busy CPU)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope='module')
@@ -314,3 +306,11 @@ def test_demo_sr_finds_real_weights_and_builds_valid_options(tmp_path, repo_root
     assert res['name'] == 'demo_sr_sd21' and res['sampler']['num_steps'] == 50
     assert res['captioner']['mode'] == 'llava' and res['irpad']['source'] == 'irpad'
     assert res['model']['sd'] == {'pretrained': str(pm / 'stable-diffusion-2-1-base')}
+
+
+def test_device_names_resolve_or_fail_as_option_errors(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert T._device(None) == 'cpu' and T._device('auto') == 'cpu' and T._device('cpu') == 'cpu'
+    with pytest.raises(OptionError, match='device cuda: no CUDA device is available'):
+        T._device('cuda')

@@ -6,14 +6,6 @@ from dalpsr.pipelines.tiling import (blend_tiles, gaussian_weights, tile_boxes, 
                                      tiled_vae_decode, tiled_vae_encode)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster, and two thrash a CPU shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize('size,tile,overlap,align', [(24, 16, 8, 1), (300, 96, 32, 1), (97, 96, 32, 1),
                                                      (2048, 1024, 128, 8), (96, 96, 32, 1), (50, 96, 32, 1),

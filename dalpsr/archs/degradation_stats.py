@@ -72,7 +72,9 @@ def degradation_statistics(lq: torch.Tensor) -> torch.Tensor:
     y = sum(c * x[:, i:i + 1] for i, c in enumerate(_LUMA))
     out = []
     # noise
-    out.append(torch.log(_quantiles(_local_std(y), (.02, .05, .1, .25, .5, .9)) + 0.05))
+    cell_std = _local_std(y)
+    noise_q = _quantiles(cell_std, (.02, .05, .1, .25, .5, .9))
+    out.append(torch.log(noise_q + 0.05))
     for i in range(3):
         out.append(torch.log(_quantiles(_local_std(x[:, i:i + 1]), (.05, .25)) + 0.05))
     # sharpness: differences, Laplacian, radial spectrum
@@ -105,14 +107,12 @@ def degradation_statistics(lq: torch.Tensor) -> torch.Tensor:
     out.append((coeff.abs() < 1.0).float().mean(1).flatten(1))
     # exposure, and the noise of mid-brightness cells
     cell_mean = F.avg_pool2d(y, 8, 8).flatten(1)
-    cell_std = _local_std(y)
     mid = (cell_mean > 40) & (cell_mean < 215)
     n_mid = mid.sum(1)
     ranked = torch.where(mid, cell_std, torch.full_like(cell_std, float('inf'))).sort(1).values
     k = (n_mid.float() * 0.1).long().clamp(max=ranked.shape[1] - 1)
     q_mid = ranked.gather(1, k[:, None])[:, 0]
-    q_all = _quantiles(cell_std, (.1,))[:, 0]
-    q_mid = torch.where(n_mid > 0, q_mid, q_all)
+    q_mid = torch.where(n_mid > 0, q_mid, noise_q[:, 2])  # no mid cell: the 10 % quantile of all cells
     out.append(torch.stack([y.mean((1, 2, 3)) / 255.0, (y < 8).float().mean((1, 2, 3)),
                             (y > 247).float().mean((1, 2, 3)), mid.float().mean(1), torch.log(q_mid + 0.05)], 1))
     feats = torch.cat(out, 1)
