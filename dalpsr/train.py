@@ -259,6 +259,28 @@ class LoopState:
         self.samples_seen = int(state['samples_seen'])
 
 
+#: option keys that may change between a run and its automatic resume (loader plumbing only)
+_RESUME_FREE_KEYS = ('num_workers', 'workers', 'progress', 'progress_bar', 'print_freq', 'tensorboard')
+
+
+def check_auto_resume(exp_dir: Path, opt: Dict[str, Any], checkpoint: Path) -> None:
+    """``--resume auto`` continues the experiment in ``exp_dir``; refuse (OptionError) when its
+    first run used other ``model`` / ``datasets`` / ``seed`` options: resuming would silently
+    mix two experiments (or, for a finished one, report the old result under the new options)."""
+    f = exp_dir / 'options.yml'
+    if not f.is_file():
+        return
+    old = yaml.safe_load(f.read_text(encoding='utf-8')) or {}
+    new = yaml.safe_load(dump_options(opt)) or {}
+    changed = [k for k in _changed_keys({k: old.get(k) for k in ('model', 'datasets', 'seed')},
+                                        {k: new.get(k) for k in ('model', 'datasets', 'seed')})
+               if k.rsplit('.', 1)[-1] not in _RESUME_FREE_KEYS]
+    if changed:
+        raise OptionError(f"{exp_dir} was trained with other options ({', '.join(changed[:6])}"
+                          f"{' ...' if len(changed) > 6 else ''}); give this run another name:, or --force to "
+                          f"archive the old folder, or --resume {checkpoint} to continue it anyway")
+
+
 def _changed_keys(a: Any, b: Any, prefix: str = '') -> List[str]:
     """Dotted keys whose values differ between two option trees."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -441,6 +463,8 @@ def train(opt: Dict[str, Any]) -> Dict[str, Any]:
 
     # ---- the experiment folder: decided identically on every process before anything is built
     action, resume_from = plan_experiment(exp_dir, args.get('resume', 'auto'), bool(args.get('force', False)))
+    if action == 'resume' and args.get('resume', 'auto') == 'auto':
+        check_auto_resume(exp_dir, opt, resume_from)
     log = get_root_logger(main_process=main)
 
     # ---- data

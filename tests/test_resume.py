@@ -2,6 +2,7 @@
 optimizer-driven EMA and loop state as an uninterrupted run (also with gradient accumulation
 and DataLoader workers); plus checkpoint housekeeping."""
 import copy
+import os
 
 import pytest
 import torch
@@ -83,6 +84,28 @@ def test_keep_checkpoints_and_finished_run(tmp_path):
     assert [s for s, _ in list_checkpoints(root)] == [12, 14]
 
 
+def test_auto_resume_refuses_changed_model_or_data(tmp_path):
+    """Same name, other model/data/seed options: --resume auto refuses (it would report or continue
+    the old experiment); loader plumbing may change; an explicit --resume or --force decides."""
+    from dalpsr.utils.options import OptionError
+    _run(toy_options(tmp_path, total_iter=4, checkpoint_freq=2))
+    for change in (lambda o: o['model'].update(hidden=8), lambda o: o['datasets']['train'].update(length=30),
+                   lambda o: o.update(seed=8)):
+        opt = toy_options(tmp_path, total_iter=4, checkpoint_freq=2)
+        change(opt)
+        with pytest.raises(OptionError, match='trained with other options'):
+            _run(opt)
+    same = _run(toy_options(tmp_path, total_iter=4, checkpoint_freq=2, num_workers=1, print_freq=1))
+    assert same['step'] == 4 and same['losses'] == []
+    opt = toy_options(tmp_path, total_iter=4, checkpoint_freq=2)
+    opt['model']['dropout'] = 0.1
+    ckpt = str(tmp_path / 'toy' / 'checkpoints' / 'checkpoint-4')
+    assert _run(opt, resume=ckpt)['step'] == 4
+    fresh = _run(opt, force=True)  # archives the old folder, trains anew
+    assert fresh['step'] == 4 and len(fresh['losses']) == 4
+    assert len([d for d in os.listdir(tmp_path) if d.startswith('toy')]) == 2
+
+
 def test_interrupted_save_is_ignored(tmp_path):
     """A half-written checkpoint (killed during save) is never resumed from and is cleaned up."""
     opt = toy_options(tmp_path, total_iter=6, stop_after_iter=3)
@@ -129,7 +152,9 @@ def test_sigkill_mid_run_then_resume(tmp_path):
         proc.wait()
     done = [s for s, _ in list_checkpoints(ckpts)]
     assert done and max(done) < 14 and not (tmp_path / 'b' / 'toy' / 'export').exists()
-    resumed = _run(toy_options(tmp_path / 'b', **kw))
+    again = toy_options(tmp_path / 'b', **kw)
+    again['model']['step_sleep'] = 0.1  # the same options (an automatic resume checks them)
+    resumed = _run(again)
     assert resumed['step'] == 14 and len(resumed['losses']) == 14 - max(done)
     for (k, a), b in zip(_params(full).items(), _params(resumed).values()):
         assert torch.equal(a, b), k
