@@ -2,7 +2,6 @@
 fixed batch drops, frozen parts stay bit-identical, stop+resume equals an uninterrupted run,
 export loads; prompt composition and options files."""
 import copy
-import os
 from pathlib import Path
 
 import numpy as np

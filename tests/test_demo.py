@@ -1,16 +1,11 @@
 """The README's main job (scripts/demo.py): its data part writes the set it summarises."""
-import importlib.util
 import json
-import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.script_loader import load_script
 
 
 def _demo():
-    spec = importlib.util.spec_from_file_location('demo_script', os.path.join(ROOT, 'scripts', 'demo.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script('demo')
 
 
 def test_demo_data_part_writes_and_summarises_a_resumable_set(tmp_path, capsys):

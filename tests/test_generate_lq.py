@@ -1,6 +1,5 @@
 """scripts/generate_lq.py: determinism across workers, resume after a kill, refusal/archive,
 round trip through TripletFolderDataset, messy inputs, test-set layout, options."""
-import importlib.util
 import json
 import os
 
@@ -12,16 +11,14 @@ import torch
 from dalpsr.data.prompt_labels import PromptSpec
 from dalpsr.data.triplet_dataset import TripletDataset, TripletFolderDataset
 from dalpsr.utils.img_io import read_image
+from tests.script_loader import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
 def gen():
-    spec = importlib.util.spec_from_file_location('generate_lq', os.path.join(ROOT, 'scripts', 'generate_lq.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script('generate_lq')
 
 
 def _run(gen, out, *extra, num=6, hr='sample:train'):

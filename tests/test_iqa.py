@@ -15,6 +15,7 @@ from dalpsr.metrics.iqa import IQAError, MetricSet, evaluate_folders
 from dalpsr.metrics.pairing import pair_folders, strip_key
 from dalpsr.metrics.weights import MissingWeightsError, offline_weights, resolve_weights_dir
 from dalpsr.utils.img_io import read_image, write_image
+from tests.script_loader import load_script
 
 H, W = 96, 112
 
@@ -307,11 +308,8 @@ def test_resume_after_interruption(folders, weights, monkeypatch):
 
 
 def test_cli_flags_and_options_file(folders, weights, tmp_path, repo_root, capsys):
-    import importlib.util
     import yaml
-    spec = importlib.util.spec_from_file_location('iqa_script', os.path.join(repo_root, 'scripts', 'iqa.py'))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script('iqa')
     sr, gt = folders
     out = tmp_path / 'cli'
     rc = script.main(['--sr', str(sr), '--gt', str(gt), '--metrics', 'psnr', 'lpips', '--out', str(out),

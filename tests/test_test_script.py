@@ -10,6 +10,7 @@ import pytest
 
 from dalpsr import test as T
 from dalpsr.utils.options import OptionError, load_options
+from tests.script_loader import load_script
 
 
 
@@ -270,10 +271,7 @@ def test_option_files_and_reference_document_every_key(repo_root):
 
 
 def test_demo_sr_runs_the_tiny_stand_in_labelled_as_such(tiny, tmp_path, repo_root, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('demo_sr', f'{repo_root}/scripts/demo_sr.py')
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script('demo_sr')
     found = demo.find_real_weights(tmp_path)  # an empty root: no DaLPSR export (SD may sit in the HF cache)
     assert found['dalpsr'] is None and found['irpad'] is None and found['sd'] in (None, demo.SD_ID)
     tiny_root = os.path.dirname(tiny['sd'])
@@ -289,10 +287,7 @@ def test_demo_sr_runs_the_tiny_stand_in_labelled_as_such(tiny, tmp_path, repo_ro
 
 
 def test_demo_sr_finds_real_weights_and_builds_valid_options(tmp_path, repo_root):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('demo_sr', f'{repo_root}/scripts/demo_sr.py')
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script('demo_sr')
     pm = tmp_path / 'pretrained_models'
     for f in ('stable-diffusion-2-1-base/unet/config.json', 'dalpsr/dalpsr.json', 'irpad/irpad.json',
               'llava-1.5-7b-hf/config.json'):

@@ -26,8 +26,6 @@ non-default architecture kwargs (used by tiny test models); without it the Swin-
 from __future__ import annotations
 
 import json
-import math
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 

@@ -25,7 +25,7 @@ must never be the part that is lost. Empty parts are skipped (no dangling separa
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np

@@ -24,7 +24,7 @@ model with extra state registers it with ``accelerator.register_for_checkpointin
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List
 
 import torch
 from torch import nn

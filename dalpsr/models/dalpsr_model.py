@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
-import math
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
