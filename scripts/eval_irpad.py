@@ -70,6 +70,7 @@ def main(argv=None):
     import torch
     from tqdm import tqdm
     from dalpsr.data.lr_cache import build_lr_cache, load_lr_cache
+    from dalpsr.data.prompt_labels import PromptSpec
     from dalpsr.models.irpad_model import IRPADPredictor, confusion_matrices, confusion_metrics
     from dalpsr.utils.misc import atomic_path, atomic_write_json, mkdir_and_rename
     if args.threads:
@@ -81,16 +82,17 @@ def main(argv=None):
             print(f'building the held-out set {args.data} ({args.num} x {args.gt_size} crops of {args.hr}, '
                   f'seed {args.seed})')
             build_lr_cache(args.data, hr=args.hr, num_samples=args.num, gt_size=args.gt_size, seed=args.seed,
-                           workers=args.workers)
+                           workers=args.workers, prompt=predictor.spec.to_opt())
         data = load_lr_cache(args.data)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     spec = predictor.spec
-    dspec = data['meta']['prompt']
-    if list(dspec['types']) != list(spec.types) or int(dspec['num_intervals']) != spec.num_intervals:
-        print(f"error: {args.data} is labelled with types {dspec['types']} x {dspec['num_intervals']} intervals, "
-              f"the model predicts {list(spec.types)} x {spec.num_intervals}", file=sys.stderr)
+    dspec = PromptSpec.from_opt(data['meta']['prompt'])
+    if (dspec.types, dspec.num_intervals, dspec.noise_severity) != (spec.types, spec.num_intervals, spec.noise_severity):
+        print(f"error: {args.data} is labelled with types {list(dspec.types)} x {dspec.num_intervals} intervals "
+              f"(noise severity: {dspec.noise_severity}), the model predicts {list(spec.types)} x "
+              f"{spec.num_intervals} (noise severity: {spec.noise_severity})", file=sys.stderr)
         return 2
     name = os.path.basename(os.path.normpath(args.model))
     if name == 'export':

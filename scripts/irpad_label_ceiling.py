@@ -5,7 +5,8 @@
 
 For the first ``--num`` samples of an LR cache, rebuilds each HR crop (same seed and index, so
 the cached LR is reproduced exactly; checked) and degrades it again with its recorded params
-but both noise stages at zero. The *visible noise* of a sample is the RMS of
+without its two noise stages (``RealESRGANDegradation.apply_measured``, the measurement behind
+``noise_severity: measured`` labels). The *visible noise* of a sample is the RMS of
 ``lq - lq_without_noise`` in 8-bit levels: the noise that survived every later filter, resize,
 JPEG and clipping in this very image, i.e. what a perfect noise estimator could measure. The
 script prints the Spearman correlation between the noise degree (the label's severity, computed
@@ -19,23 +20,11 @@ exactly recoverable with the HR at hand; what limits it is that the LR alone doe
 blurred sharp photo from a sharp soft one (see docs/irpad.md).
 """
 import argparse
-import copy
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _without_noise(params):
-    p = copy.deepcopy(params)
-    for o in ('order1', 'order2'):
-        n = p[o]['noise']
-        if n['kind'] == 'gaussian':
-            n['sigma'] = 0.0
-        else:
-            n['scale'] = 0.0
-    return p
 
 
 def ceiling_accuracy(visible, labels, k):
@@ -91,13 +80,11 @@ def main(argv=None):
     for i in tqdm(range(n), desc='re-degrading', unit='sample'):
         params = json.loads(str(data['params'][i]))
         _, gt, _ = sample_gt(paths, int(meta['gt_size']), int(meta['seed']), i, images)
-        _, lq = deg.apply(gt, params)
+        _, lq, visible[i] = deg.apply_measured(gt, params)
         ref = np.clip(np.round(lq * 255.0), 0, 255).astype(np.uint8)
         if not np.array_equal(ref, data['lq'][i]):
             print(f'error: sample {i} does not reproduce the cached LR (different code or options)', file=sys.stderr)
             return 2
-        _, alt = deg.apply(gt, _without_noise(params))
-        visible[i] = float(np.sqrt(np.mean((lq - alt) ** 2)) * 255.0)
     out = {'data': args.data, 'num_samples': n, 'types': {}}
     print(f'{n} samples of {args.data}')
     print(f"{'type':6s} {'spearman(degree, visible)':>26s} {'ceiling acc':>12s}")

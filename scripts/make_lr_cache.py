@@ -25,13 +25,16 @@ def main(argv=None):
     p.add_argument('--gt-size', type=int, default=256, help='HR crop size (LR = gt_size / scale)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--workers', type=int, default=1)
+    p.add_argument('--noise-severity', choices=('params', 'measured'), default='params',
+                   help='noise labels from the recorded params or from the noise measured in each LR')
     p.add_argument('--overwrite', action='store_true')
     args = p.parse_args(argv)
     from dalpsr.data.lr_cache import build_lr_cache, load_lr_cache
     t = time.time()
     try:
         build_lr_cache(args.out, hr=args.hr, num_samples=args.num, gt_size=args.gt_size, seed=args.seed,
-                       workers=args.workers, overwrite=args.overwrite)
+                       workers=args.workers, overwrite=args.overwrite,
+                       prompt={'noise_severity': args.noise_severity})
     except (FileExistsError, FileNotFoundError, ValueError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2

@@ -1,21 +1,12 @@
 """scripts/eval_irpad.py: numbers agree with the predictor on the cache, outputs, refusals."""
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location('eval_irpad', REPO / 'scripts' / 'eval_irpad.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.script_loader import load_script
 
 
 def test_eval_irpad_metrics_outputs_and_refusals(tmp_path, capsys):
@@ -31,7 +22,7 @@ def test_eval_irpad_metrics_outputs_and_refusals(tmp_path, capsys):
     save_irpad(net, spec.to_opt(), model_dir)
     data = str(tmp_path / 'held.npz')
     out = str(tmp_path / 'out')
-    eval_irpad = _script()
+    eval_irpad = load_script('eval_irpad')
     # builds the held-out cache on first use (val photos, given seed), then evaluates
     rc = eval_irpad.main(['--model', model_dir, '--data', data, '--num', '12', '--gt-size', '64', '--seed', '2',
                           '--out', out, '--batch-size', '5'])
@@ -58,9 +49,7 @@ def test_eval_irpad_metrics_outputs_and_refusals(tmp_path, capsys):
     assert saved['keys'].tolist() == cache['keys'].tolist()
     assert 'acc' in capsys.readouterr().out
     # the error analysis groups those predictions by the recorded params
-    spec_a = importlib.util.spec_from_file_location('irpad_error_analysis', REPO / 'scripts' / 'irpad_error_analysis.py')
-    ana = importlib.util.module_from_spec(spec_a)
-    spec_a.loader.exec_module(ana)
+    ana = load_script('irpad_error_analysis')
     assert ana.main(['--eval', out, '--data', data, '--json', str(tmp_path / 'ana.json')]) == 0
     table = json.load(open(tmp_path / 'ana.json'))
     kinds = [json.loads(str(q))['order2']['noise']['kind'] for q in cache['params']]
@@ -83,5 +72,10 @@ def test_eval_irpad_metrics_outputs_and_refusals(tmp_path, capsys):
                    progress=False)
     assert eval_irpad.main(['--model', model_dir, '--data', other, '--out', str(tmp_path / 'o3')]) == 2
     assert '3 intervals' in capsys.readouterr().err
+    measured = str(tmp_path / 'measured.npz')
+    build_lr_cache(measured, 'sample:val', num_samples=2, gt_size=32, seed=0, prompt={'noise_severity': 'measured'},
+                   progress=False)
+    assert eval_irpad.main(['--model', model_dir, '--data', measured, '--out', str(tmp_path / 'om')]) == 2
+    assert 'noise severity: measured' in capsys.readouterr().err
     assert eval_irpad.main(['--model', str(tmp_path / 'none'), '--data', data]) == 2
     assert 'irpad.json not found' in capsys.readouterr().err

@@ -210,6 +210,26 @@ def test_lr_cache_deterministic_across_workers_and_refuses_overwrite(tmp_path):
         CachedLRDataset(str(tmp_path / 'none.npz'))
 
 
+def test_lr_cache_with_measured_noise_labels_and_stale_build_blocks(tmp_path):
+    """A measured-noise spec switches the measurement on; an existing file whose options differ
+    from its build: block (other labels, other seed) is refused instead of silently used."""
+    from dalpsr.data.lr_cache import CachedLRDataset, build_lr_cache
+    from dalpsr.data.prompt_labels import PromptSpec
+    build = {'hr': 'sample:val', 'num_samples': 4, 'gt_size': 64, 'seed': 2, 'progress': False,
+             'prompt': {'noise_severity': 'measured'}}
+    f = str(tmp_path / 'm.npz')
+    ds = CachedLRDataset(f, build=build)
+    z = np.load(f)
+    params = [json.loads(p) for p in z['params']]
+    assert all(p['measured']['noise_rms'] >= 0 for p in params)
+    spec = PromptSpec(noise_severity='measured')
+    assert ds.spec == spec and [spec.labels(p) for p in params] == z['labels'].tolist()
+    assert len(CachedLRDataset(f, build=dict(build, workers=2))) == 4  # workers do not change the data
+    for other in ({'prompt': None}, {'seed': 3}, {'hr': 'sample:train'}):
+        with pytest.raises(ValueError, match='built with other options'):
+            CachedLRDataset(f, build=dict(build, **other))
+
+
 # ------------------------------------------------------------- training model + predictor
 def _model_opt(tmp_path, cache, **model):
     return {'name': 'irpad_test', 'seed': 0, '_source': 'test', 'path': {'experiments_root': str(tmp_path / 'exp')},
@@ -226,6 +246,17 @@ def small_cache(tmp_path_factory):
     from dalpsr.data.lr_cache import build_lr_cache
     p = str(tmp_path_factory.mktemp('irpad') / 'small.npz')
     return build_lr_cache(p, 'sample:train', num_samples=12, gt_size=128, seed=0, progress=False)
+
+
+def test_model_prompt_must_match_the_training_labels(tmp_path, small_cache):
+    from dalpsr.models.irpad_model import IRPADModel
+    from dalpsr.utils.options import OptionError
+    opt = _model_opt(tmp_path, small_cache, prompt={'noise_severity': 'measured'})
+    opt['datasets']['train']['build'] = {'hr': 'sample:train', 'num_samples': 12, 'gt_size': 128, 'seed': 0}
+    with pytest.raises(OptionError, match='differs from the prompt the training data'):
+        IRPADModel(opt)
+    opt['datasets']['train']['build']['prompt'] = {'noise_severity': 'measured'}
+    assert IRPADModel(opt).spec.noise_severity == 'measured'
 
 
 def test_model_trains_through_the_loop_exports_and_predictor_round_trips(tmp_path, small_cache):

@@ -112,9 +112,11 @@ def test_cpu_recipe_builds(tmp_path):
     from dalpsr.train import _build_dataset, resolve_train_opt
     from dalpsr.utils.options import load_options
     cache = str(tmp_path / 'c.npz')
-    build_lr_cache(cache, 'sample:val', num_samples=2, gt_size=64, seed=0, progress=False)
+    build_lr_cache(cache, 'sample:val', num_samples=2, gt_size=64, seed=0, progress=False,
+                   prompt={'noise_severity': 'measured'})
     opt = load_options(str(REPO / 'options' / 'train' / 'train_irpad_cpu.yml'),
-                       overrides=[f'datasets.train.cache_file={cache}', f'datasets.val.cache_file={cache}'])
+                       overrides=[f'datasets.train.cache_file={cache}', f'datasets.val.cache_file={cache}',
+                                  'datasets.train.build=null', 'datasets.val.build=null'])
     resolve_train_opt(opt)
     assert opt['model']['network']['image_encoder']['type'] == 'conv'
     model = IRPADModel(opt)

@@ -132,3 +132,75 @@ def test_labels_depend_on_both_orders(default_params):
 
 def _lvl(n):
     return n['sigma'] if n['kind'] == 'gaussian' else n['scale'] * 11.3
+
+
+# ---------------------------------------------------------------------------------------------
+# noise_severity: measured
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def photo_crop():
+    from dalpsr.data.sample_images import sample_image_paths
+    from dalpsr.utils.img_io import read_image
+    img = read_image(str(sample_image_paths('val')[-1]))  # grace_hopper.jpg
+    return np.ascontiguousarray(img[100:228, 100:228], dtype=np.float32)
+
+
+def _zero_noise(params):
+    p = copy.deepcopy(params)
+    for o in ('order1', 'order2'):
+        p[o]['noise'].update(sigma=0.0, scale=0.0)
+    return p
+
+
+def test_measured_noise_is_the_rms_of_what_the_noise_changed(photo_crop):
+    """The measurement does not change the sample, equals the RMS of lq minus the same chain
+    rendered with zero noise (an independent replay), is 0 without noise and grows with sigma."""
+    plain, meas = RealESRGANDegradation(), RealESRGANDegradation(measure_noise=True)
+    for seed in range(6):
+        a = plain(photo_crop, np.random.default_rng(seed))
+        b = meas(photo_crop, np.random.default_rng(seed))
+        assert np.array_equal(a['lq'], b['lq']) and 'measured' not in a['params']
+        _, clean = plain.apply(photo_crop, _zero_noise(b['params']))
+        ref = np.sqrt(np.mean((b['lq'].astype(np.float64) - clean) ** 2)) * 255.0
+        assert b['params']['measured']['noise_rms'] == pytest.approx(ref, rel=1e-6, abs=1e-9)
+    rms = []
+    for sigma in (0.0, 4.0, 16.0):  # same draws (same seed), only the Gaussian level differs
+        d = RealESRGANDegradation(measure_noise=True, gaussian_noise_prob=1.0, gaussian_noise_prob2=1.0,
+                                  noise_range=(sigma, sigma), noise_range2=(sigma, sigma))
+        rms.append([d(photo_crop, np.random.default_rng(s))['params']['measured']['noise_rms'] for s in range(4)])
+    rms = np.array(rms)
+    assert np.all(rms[0] == 0) and np.all(rms[1] > 0.3) and np.all(rms[2] > rms[1] + 1)
+
+
+def test_measured_noise_labels(photo_crop):
+    spec = PromptSpec(noise_severity='measured')
+    assert spec.needs_measured_noise and spec.degradation_options({'scale': 4}) == {'scale': 4, 'measure_noise': True}
+    assert not PromptSpec().needs_measured_noise and PromptSpec().degradation_options() == {}
+    assert PromptSpec.from_opt(spec.to_opt()) == spec
+    with pytest.raises(ValueError, match='noise_severity'):
+        PromptSpec(noise_severity='guessed')
+    out = RealESRGANDegradation(measure_noise=True)(photo_crop, np.random.default_rng(3))
+    with pytest.raises(ValueError, match='measure_noise'):
+        spec.labels(_zero_noise(out['params']) | {'measured': None})
+    # the noise degree follows the measurement through the 'noise_measured' knots; the others
+    # are those of the params
+    p = out['params']
+    d_meas, d_par = spec.degrees(p), PromptSpec().degrees(p)
+    assert d_meas['blur'] == d_par['blur'] and d_meas['jpeg'] == d_par['jpeg']
+    knots = CALIBRATION['noise_measured']
+    assert d_meas['noise'] == pytest.approx(np.interp(p['measured']['noise_rms'], knots, np.linspace(0, 1, 21)))
+    louder = copy.deepcopy(p)
+    louder['measured']['noise_rms'] *= 3
+    assert spec.degrees(louder)['noise'] > d_meas['noise']
+
+
+def test_measured_noise_calibration_is_current():
+    """CALIBRATION['noise_measured'] comes from calibrate_measured_noise(); a fresh small run agrees."""
+    from dalpsr.data.prompt_labels import calibrate_measured_noise
+    knots = np.asarray(CALIBRATION['noise_measured'])
+    assert len(knots) == 21 and np.all(np.diff(knots) > 0)
+    fresh = calibrate_measured_noise(n=400, seed=5, workers=1)
+    for q in (5, 10, 15):
+        deg = np.interp(fresh[q], knots, np.linspace(0, 1, 21))
+        assert abs(deg - q / 20) < 0.08, (q, deg)

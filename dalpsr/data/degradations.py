@@ -18,6 +18,11 @@ The work is split in two so that degradation *degrees* can be computed from para
   resize direction/scale/mode, noise kind/level/gray, JPEG qualities, final order, and the
   seed of the noise realisation).
 * :meth:`RealESRGANDegradation.apply` is a deterministic function of ``(gt, params)``.
+* With ``measure_noise=True`` the transform also renders the same chain without the two noise
+  stages and records ``params['measured'] = {'noise_rms': ...}``: the RMS (8-bit levels) of
+  ``lq - lq_without_noise``, the noise that survived every later filter, resize, JPEG and the
+  clipping in this very image (a measurement, ignored by :meth:`apply`; used by the
+  ``noise_severity: measured`` labels of :mod:`dalpsr.data.prompt_labels`).
 
 Differences from the reference implementation (documented in docs/degradation.md):
 images are processed one at a time with ``cv2.filter2D`` (reflect-101 border, identical to
@@ -29,7 +34,7 @@ takes a float quality; its numpy helper crashes on floats).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -184,6 +189,9 @@ class RealESRGANDegradation:
     ``__call__(gt, rng)``: gt HxWx3 float32 RGB in [0, 1] (H, W >= 2*scale; cropped at the
     bottom/right to a multiple of ``scale``) -> ``dict(gt=HxWx3, lq=(H/scale)x(W/scale)x3 float32
     in [0, 1] on the 8-bit grid, params=dict)``. Deterministic given ``rng``.
+
+    ``measure_noise``: also record ``params['measured']['noise_rms']`` (module doc; the chain
+    after the first resize is rendered twice, ~+30 % time).
     """
 
     def __init__(self, scale: int = 4, gt_usm: bool = False, usm_weight: float = 0.5, usm_radius: int = 50,
@@ -209,7 +217,8 @@ class RealESRGANDegradation:
                  # final stage
                  final_sinc_prob: float = 0.8, final_sinc_omega: Sequence[float] = (_PI / 3, _PI),
                  sinc_omega_small: Sequence[float] = (_PI / 3, _PI), sinc_omega_large: Sequence[float] = (_PI / 5, _PI),
-                 final_order_prob: float = 0.5, resize_modes: Sequence[str] = RESIZE_MODES):
+                 final_order_prob: float = 0.5, resize_modes: Sequence[str] = RESIZE_MODES,
+                 measure_noise: bool = False):
         def rng2(name, v, lo=-math.inf, hi=math.inf):
             v = [float(x) for x in v]
             if len(v) != 2 or not (lo <= v[0] <= v[1] <= hi):
@@ -270,6 +279,7 @@ class RealESRGANDegradation:
         self.sinc_omega_small = rng2('sinc_omega_small', sinc_omega_small, 1e-3, _PI)
         self.sinc_omega_large = rng2('sinc_omega_large', sinc_omega_large, 1e-3, _PI)
         self.final_order_prob = prob('final_order_prob', final_order_prob)
+        self.measure_noise = bool(measure_noise)
 
     # ---------------------------------------------------------------- sampling
     @staticmethod
@@ -347,6 +357,17 @@ class RealESRGANDegradation:
         """Degrade ``gt`` (HxWx3 float32 RGB [0,1], H and W multiples of ``params['scale']``)
         exactly as ``params`` says. Returns ``(gt_out, lq)``: ``gt_out`` is ``gt`` (USM-sharpened
         if ``params['gt_usm']``), ``lq`` is (H/scale)x(W/scale)x3 float32 RGB on the 8-bit grid."""
+        gt, lqs = self._render(gt, params, with_clean=False)
+        return gt, lqs[0]
+
+    def apply_measured(self, gt: np.ndarray, params: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray, float]:
+        """As :meth:`apply`, plus the RMS (8-bit levels) of ``lq`` minus the same chain rendered
+        without its two noise stages: ``(gt_out, lq, noise_rms)``."""
+        gt, (lq, clean) = self._render(gt, params, with_clean=True)
+        return gt, lq, float(np.sqrt(np.mean(np.square(lq - clean, dtype=np.float64))) * 255.0)
+
+    def _render(self, gt: np.ndarray, params: Dict[str, Any], with_clean: bool):
+        """(gt_out, [lq] or [lq, lq_without_noise]); the two share everything up to the first noise."""
         scale = int(params['scale'])
         H, W = gt.shape[:2]
         if H % scale or W % scale:
@@ -357,31 +378,39 @@ class RealESRGANDegradation:
             img = usm_sharp(img, self.usm_weight, self.usm_radius, self.usm_threshold)
             gt = np.ascontiguousarray(img[:, :, ::-1])
         o1, o2, fin = params['order1'], params['order2'], params['final']
-        # ---- order 1
-        out = _filter(img, kernel_from_params(o1['blur'])) if o1['blur'] else img
-        s = o1['resize']['scale']
-        out = _resize(out, math.floor(H * s), math.floor(W * s), o1['resize']['mode'])
-        out = _add_noise(out, o1['noise'], rng)
-        out = _jpeg(out, o1['jpeg'])
-        # ---- order 2
-        if o2['blur']:
-            out = _filter(out, kernel_from_params(o2['blur']))
-        s = o2['resize']['scale']
-        out = _resize(out, int(H / scale * s), int(W / scale * s), o2['resize']['mode'])
-        out = _add_noise(out, o2['noise'], rng)
-        # ---- final
         h, w = H // scale, W // scale
+        # ---- order 1 up to its noise (shared by the noisy and the clean stream)
+        out = _filter(img, kernel_from_params(o1['blur'])) if o1['blur'] else img
+        s1 = o1['resize']['scale']
+        out = _resize(out, math.floor(H * s1), math.floor(W * s1), o1['resize']['mode'])
 
-        def resize_sinc(x):
-            x = _resize(x, h, w, fin['resize_mode'])
-            return _filter(x, kernel_from_params(fin['sinc'])) if fin['sinc'] else x
+        def rest(out, noisy):
+            # the clean stream keeps the clipping that comes with each noise stage
+            out = _add_noise(out, o1['noise'], rng) if noisy else np.clip(out, 0.0, 1.0)
+            out = _jpeg(out, o1['jpeg'])
+            # ---- order 2
+            if o2['blur']:
+                out = _filter(out, kernel_from_params(o2['blur']))
+            s2 = o2['resize']['scale']
+            out = _resize(out, int(H / scale * s2), int(W / scale * s2), o2['resize']['mode'])
+            out = _add_noise(out, o2['noise'], rng) if noisy else np.clip(out, 0.0, 1.0)
 
-        if fin['order'] == 'resize_sinc_jpeg':
-            out = _jpeg(np.clip(resize_sinc(out), 0, 1), fin['jpeg'])
-        else:
-            out = resize_sinc(_jpeg(out, fin['jpeg']))
-        lq = np.rint(np.clip(out, 0, 1) * 255.0) * np.float32(1 / 255.0)
-        return gt, np.ascontiguousarray(lq[:, :, ::-1], dtype=np.float32)
+            # ---- final
+            def resize_sinc(x):
+                x = _resize(x, h, w, fin['resize_mode'])
+                return _filter(x, kernel_from_params(fin['sinc'])) if fin['sinc'] else x
+
+            if fin['order'] == 'resize_sinc_jpeg':
+                out = _jpeg(np.clip(resize_sinc(out), 0, 1), fin['jpeg'])
+            else:
+                out = resize_sinc(_jpeg(out, fin['jpeg']))
+            lq = np.rint(np.clip(out, 0, 1) * 255.0) * np.float32(1 / 255.0)
+            return np.ascontiguousarray(lq[:, :, ::-1], dtype=np.float32)
+
+        lqs = [rest(out, True)]
+        if with_clean:
+            lqs.append(rest(out, False))
+        return gt, lqs
 
     def __call__(self, gt: np.ndarray, rng: np.random.Generator) -> Dict[str, Any]:
         if not isinstance(gt, np.ndarray) or gt.ndim != 3 or gt.shape[2] != 3:
@@ -392,5 +421,9 @@ class RealESRGANDegradation:
                              f"(needs at least {2 * self.scale}x{2 * self.scale})")
         gt = np.ascontiguousarray(gt[:H, :W], dtype=np.float32)
         params = self.sample_params(rng)
-        gt_out, lq = self.apply(gt, params)
+        if self.measure_noise:
+            gt_out, lq, rms = self.apply_measured(gt, params)
+            params['measured'] = {'noise_rms': rms}
+        else:
+            gt_out, lq = self.apply(gt, params)
         return {'gt': gt_out, 'lq': lq, 'params': params}

@@ -85,20 +85,20 @@ _WORKER: Dict[str, Any] = {}
 def _init_worker(hr_paths, gt_size, seed, degradation, prompt):
     from dalpsr.data.degradations import RealESRGANDegradation
     from dalpsr.data.prompt_labels import PromptSpec
-    _WORKER.update(paths=hr_paths, gt_size=gt_size, seed=seed, deg=RealESRGANDegradation(**(degradation or {})),
-                   spec=PromptSpec.from_opt(prompt), images={})
+    spec = PromptSpec.from_opt(prompt)
+    _WORKER.update(paths=hr_paths, gt_size=gt_size, seed=seed, images={}, spec=spec,
+                   deg=RealESRGANDegradation(**spec.degradation_options(degradation)))
 
 
 def _make_sample(i: int):
-    from dalpsr.data.prompt_labels import degrees
     w = _WORKER
     j, gt, rng = sample_gt(w['paths'], w['gt_size'], w['seed'], i, w['images'])
     out = w['deg'](gt, rng)
     lq = np.clip(np.round(out['lq'] * 255.0), 0, 255).astype(np.uint8)
     spec = w['spec']
-    deg = degrees(out['params'])
+    deg = spec.degrees(out['params'])
     key = f"{os.path.splitext(os.path.basename(w['paths'][j]))[0]}_{i:07d}"
-    return (i, lq, spec.labels(out['params']), [deg[t] for t in spec.types], key,
+    return (i, lq, spec.labels_from_degrees(deg), [deg[t] for t in spec.types], key,
             json.dumps(out['params'], default=float))
 
 
@@ -192,6 +192,22 @@ def _build_once(cache_file: str, build: Dict[str, Any], poll_s: float = 2.0) -> 
                 pass
 
 
+def _check_built_as(cache_file: str, meta: Dict[str, Any], build: Dict[str, Any]) -> None:
+    """An existing cache must match its ``build:`` block (else it holds other data or labels)."""
+    from dalpsr.data.prompt_labels import PromptSpec
+    want = {'num_samples': int(build.get('num_samples', 1000)), 'gt_size': int(build.get('gt_size', 256)),
+            'seed': int(build.get('seed', 0)), 'degradation': dict(build.get('degradation') or {}),
+            'prompt': PromptSpec.from_opt(build.get('prompt')).to_opt(),
+            'hr': [os.path.basename(p) for p in resolve_hr_paths(build.get('hr', 'sample:train'))]}
+    have = {k: meta.get(k) for k in want}
+    have['prompt'] = PromptSpec.from_opt(meta.get('prompt')).to_opt()
+    diff = [k for k in want if want[k] != have[k]]
+    if diff:
+        raise ValueError(f"{cache_file} was built with other options than its build: block ({', '.join(diff)}: "
+                         f"{', '.join(f'{have[k]} vs {want[k]}' for k in diff)}); delete it or point cache_file "
+                         f"elsewhere")
+
+
 @DATASET_REGISTRY.register()
 class CachedLRDataset:
     """Items of an LR cache: ``{'lq': float32 [3, h, w] in [0, 1], 'labels': int64 [T],
@@ -213,6 +229,8 @@ class CachedLRDataset:
                 load_lr_cache(cache_file)  # raises the one-line error
             _build_once(cache_file, build)
         data = load_lr_cache(cache_file)
+        if build:
+            _check_built_as(cache_file, data['meta'], build)
         n = len(data['lq']) if length is None else min(int(length), len(data['lq']))
         self.lq = data['lq'][:n]
         self.labels = data['labels'][:n]

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 
 from dalpsr.data.degradations import RealESRGANDegradation
-from dalpsr.data.prompt_labels import PromptSpec, degrees
+from dalpsr.data.prompt_labels import PromptSpec
 from dalpsr.utils.img_io import ImageReadError, read_image
 from dalpsr.utils.misc import is_image_file, read_jsonl, sample_rng, scan_images
 from dalpsr.utils.registry import DATASET_REGISTRY
@@ -124,7 +124,7 @@ def make_triplet(img: np.ndarray, rng: np.random.Generator, degradation: RealESR
     out = degradation(patch, rng)
     params = out['params']
     params['crop'] = crop
-    deg = degrees(params)
+    deg = spec.degrees(params)
     labels = spec.labels_from_degrees(deg)
     return {'gt': out['gt'], 'lq': out['lq'], 'params': params, 'degrees': deg, 'labels': labels,
             'prompt': spec.prompt(labels)}
@@ -220,8 +220,8 @@ class TripletDataset(_SkipMixin, _torch_dataset_base()):
         if 'scale' in deg and int(deg['scale']) != self.scale:
             raise ValueError(f"degradation.scale ({deg['scale']}) differs from the dataset scale ({scale})")
         deg['scale'] = self.scale
-        self.degradation = RealESRGANDegradation(**deg)
         self.spec = PromptSpec.from_opt(prompt)
+        self.degradation = RealESRGANDegradation(**self.spec.degradation_options(deg))
         self.captions = load_caption_map(caption_file)
         self.seed = int(seed)
         self.small_image = small_image
@@ -381,7 +381,7 @@ def summarize_triplets(jsonl_or_dir: Union[str, os.PathLike], num_examples: int 
     for r in recs:
         params = r.get('params') or {}
         if 'order1' in params:
-            d = degrees(params)
+            d = spec.degrees(params)
             degs.append(d)
             labels.append(spec.labels_from_degrees(d))
         else:

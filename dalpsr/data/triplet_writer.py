@@ -157,7 +157,6 @@ def _hwc(t) -> np.ndarray:
 
 def _make_sample(i: int):
     """Degrade sample ``i``, write its two images atomically, return (record, new skip reasons)."""
-    from dalpsr.data.prompt_labels import degrees
     from dalpsr.utils.img_io import write_image
     ds, out = _W['ds'], _W['out']
     item = ds[i]
@@ -166,7 +165,7 @@ def _make_sample(i: int):
     params = json.loads(item['params'])
     write_image(out / gdir / f'{key}.png', _hwc(item['gt']))
     write_image(out / ldir / f'{key}.png', _hwc(item['lq']))
-    deg = degrees(params)
+    deg = ds.spec.degrees(params)
     rec = {'key': key, 'index': i, 'gt': f'{gdir}/{key}.png', 'lq': f'{ldir}/{key}.png', 'source_key': item['key'],
            'labels': item['labels'].tolist(), 'prompt': item['prompt'],
            'degrees': {t: round(deg[t], 6) for t in ds.spec.types}, 'caption': item['caption'], 'params': params}

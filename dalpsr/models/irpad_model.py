@@ -142,7 +142,7 @@ class IRPADModel(BaseModel):
 
         model:
           type: IRPADModel
-          prompt: {...}          # PromptSpec options; default: datasets.train.prompt
+          prompt: {...}          # PromptSpec options; default: datasets.train.prompt / .build.prompt
           network: {image_encoder: {...}, prompt_embedding: {...}, embed_dim: 128, ...}
           label_smoothing: 0.0
           ordinal_sigma: 0.0     # >0: soft targets exp(-(k - y)^2 / (2 s^2)) over intervals
@@ -163,8 +163,14 @@ class IRPADModel(BaseModel):
         mopt = get_opt(opt, 'model')
         src = opt.get('_source', 'the options')
         check_keys(mopt, self.KEYS, f'model block of {src}')
-        self.prompt_opt = mopt.get('prompt', get_opt(opt, 'datasets.train.prompt', None))
+        train = get_opt(opt, 'datasets.train', None) or {}
+        known = 'prompt' in train or isinstance(train.get('build'), dict)  # what the training labels follow
+        data_prompt = train['prompt'] if 'prompt' in train else (train.get('build') or {}).get('prompt')
+        self.prompt_opt = mopt.get('prompt', data_prompt)
         self.spec = _spec_from_opt(self.prompt_opt)
+        if known and _spec_from_opt(data_prompt) != self.spec:
+            raise OptionError(f'model.prompt in {src} differs from the prompt the training data is labelled with '
+                              f'({self.spec.to_opt()} vs {_spec_from_opt(data_prompt).to_opt()})')
         self.types = list(self.spec.types)
         self.K = int(self.spec.num_intervals)
         self.net = build_irpad(self.spec, mopt.get('network'))

@@ -1,0 +1,29 @@
+"""scripts/irpad_feature_probe.py: the probe fits what it is given, and refuses other labels."""
+import json
+
+import numpy as np
+
+from tests.script_loader import load_script
+
+
+def test_probe_fits_its_training_cache_and_reports_per_photo(tmp_path, capsys):
+    from dalpsr.data.lr_cache import build_lr_cache, load_lr_cache
+    probe = load_script('irpad_feature_probe')
+    a = build_lr_cache(str(tmp_path / 'a.npz'), 'sample:val', num_samples=48, gt_size=64, seed=1, progress=False)
+    out = str(tmp_path / 'probe.json')
+    # evaluated on its own training samples, the probe must (nearly) memorise the labels
+    assert probe.main(['--eval', a, '--train', a, '--num-train', '48', '--num-eval', '48', '--epochs', '150',
+                       '--json', out]) == 0
+    res = json.load(open(out))['train'][a]
+    keys = load_lr_cache(a)['keys']
+    photos = np.array([str(k).rsplit('_', 1)[0] for k in keys])
+    for t in ('blur', 'noise', 'jpeg'):
+        assert res['acc'][t] >= 0.9, (t, res['acc'][t])
+        weighted = sum(acc * (photos == s).sum() for s, acc in res['per_photo'][t].items()) / len(photos)
+        assert abs(weighted - res['acc'][t]) < 1e-9
+    assert 'noise' in capsys.readouterr().out
+    other = build_lr_cache(str(tmp_path / 'k3.npz'), 'sample:val', num_samples=4, gt_size=32, seed=0,
+                           prompt={'num_intervals': 3}, progress=False)
+    assert probe.main(['--eval', a, '--train', other]) == 2
+    assert 'another prompt spec' in capsys.readouterr().err
+    assert probe.main(['--eval', str(tmp_path / 'none.npz'), '--train', a]) == 2
