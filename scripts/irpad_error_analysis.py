@@ -34,7 +34,11 @@ def main(argv=None):
         print(f'error: {pred_file} not found (run scripts/eval_irpad.py first)', file=sys.stderr)
         return 2
     z = np.load(pred_file)
-    data = load_lr_cache(args.data)
+    try:
+        data = load_lr_cache(args.data)
+    except (FileNotFoundError, ValueError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
     if z['keys'].tolist() != data['keys'].tolist():
         print(f'error: {pred_file} was not computed on {args.data} (keys differ)', file=sys.stderr)
         return 2

@@ -83,7 +83,7 @@ def main(argv=None):
     try:
         ev = load_lr_cache(args.eval)
         trains = [(f, load_lr_cache(f)) for f in args.train]
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     spec = PromptSpec.from_opt(ev['meta']['prompt'])

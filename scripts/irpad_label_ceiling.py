@@ -55,16 +55,13 @@ def main(argv=None):
     from dalpsr.data.degradations import RealESRGANDegradation
     from dalpsr.data.lr_cache import load_lr_cache, resolve_hr_paths, sample_gt
     from dalpsr.data.prompt_labels import PromptSpec
-    if not os.path.isfile(args.data):
-        print(f'error: LR cache not found: {args.data} (build it with scripts/make_lr_cache.py)', file=sys.stderr)
-        return 2
-    data = load_lr_cache(args.data)
-    meta = data['meta']
     try:
+        data = load_lr_cache(args.data)
         paths = resolve_hr_paths(args.hr)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
+    meta = data['meta']
     if [os.path.basename(q) for q in paths] != list(meta['hr']):
         print(f"error: --hr {args.hr} gives {[os.path.basename(q) for q in paths]}, the cache was built "
               f"from {meta['hr']}", file=sys.stderr)

@@ -228,6 +228,13 @@ def test_lr_cache_with_measured_noise_labels_and_stale_build_blocks(tmp_path):
     for other in ({'prompt': None}, {'seed': 3}, {'hr': 'sample:train'}):
         with pytest.raises(ValueError, match='built with other options'):
             CachedLRDataset(f, build=dict(build, **other))
+    with pytest.raises(ValueError, match='build: block'):
+        CachedLRDataset(f, build=dict(build, num_sample=4))
+    # a file that is not a cache (here: text) gets one line naming it
+    junk = tmp_path / 'junk.npz'
+    junk.write_text('not a cache')
+    with pytest.raises(ValueError, match='junk.npz: not an LR cache'):
+        CachedLRDataset(str(junk))
 
 
 # ------------------------------------------------------------- training model + predictor

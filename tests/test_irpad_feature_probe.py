@@ -27,3 +27,7 @@ def test_probe_fits_its_training_cache_and_reports_per_photo(tmp_path, capsys):
     assert probe.main(['--eval', a, '--train', other]) == 2
     assert 'another prompt spec' in capsys.readouterr().err
     assert probe.main(['--eval', str(tmp_path / 'none.npz'), '--train', a]) == 2
+    junk = tmp_path / 'junk.npz'
+    junk.write_bytes(b'PK\x03\x04 truncated')
+    assert probe.main(['--eval', a, '--train', str(junk)]) == 2
+    assert 'junk.npz: not an LR cache' in capsys.readouterr().err

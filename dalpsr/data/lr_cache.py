@@ -80,6 +80,7 @@ def sample_gt(hr_paths: Sequence[str], gt_size: int, seed: int, i: int, images: 
 
 
 _WORKER: Dict[str, Any] = {}
+_CACHE_KEYS = ('lq', 'labels', 'degrees', 'keys', 'params', 'meta')
 
 
 def _init_worker(hr_paths, gt_size, seed, degradation, prompt):
@@ -148,9 +149,16 @@ def load_lr_cache(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f'LR cache not found: {path} (build it with scripts/make_lr_cache.py or give '
                                 'the dataset a build: block)')
-    with np.load(path, allow_pickle=False) as z:
-        data = {k: z[k] for k in z.files}
-    data['meta'] = json.loads(str(data['meta']))
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+        data['meta'] = json.loads(str(data['meta']))
+    except Exception as err:  # not a zip, pickled objects, truncated, no or bad meta: all one answer
+        raise ValueError(f'{path}: not an LR cache written by scripts/make_lr_cache.py '
+                         f'({type(err).__name__})') from None
+    missing = sorted(set(_CACHE_KEYS) - set(data))
+    if missing:
+        raise ValueError(f'{path}: not an LR cache written by scripts/make_lr_cache.py (no {", ".join(missing)})')
     return data
 
 
@@ -194,11 +202,17 @@ def _build_once(cache_file: str, build: Dict[str, Any], poll_s: float = 2.0) -> 
 
 def _check_built_as(cache_file: str, meta: Dict[str, Any], build: Dict[str, Any]) -> None:
     """An existing cache must match its ``build:`` block (else it holds other data or labels)."""
+    import inspect
     from dalpsr.data.prompt_labels import PromptSpec
-    want = {'num_samples': int(build.get('num_samples', 1000)), 'gt_size': int(build.get('gt_size', 256)),
-            'seed': int(build.get('seed', 0)), 'degradation': dict(build.get('degradation') or {}),
-            'prompt': PromptSpec.from_opt(build.get('prompt')).to_opt(),
-            'hr': [os.path.basename(p) for p in resolve_hr_paths(build.get('hr', 'sample:train'))]}
+    try:
+        b = inspect.signature(build_lr_cache).bind(cache_file, **build)  # build_lr_cache's own defaults
+    except TypeError as err:
+        raise ValueError(f'build: block of {cache_file}: {err}') from None
+    b.apply_defaults()
+    a = b.arguments
+    want = {'num_samples': int(a['num_samples']), 'gt_size': int(a['gt_size']), 'seed': int(a['seed']),
+            'degradation': dict(a['degradation'] or {}), 'prompt': PromptSpec.from_opt(a['prompt']).to_opt(),
+            'hr': [os.path.basename(p) for p in resolve_hr_paths(a['hr'])]}
     have = {k: meta.get(k) for k in want}
     have['prompt'] = PromptSpec.from_opt(meta.get('prompt')).to_opt()
     diff = [k for k in want if want[k] != have[k]]

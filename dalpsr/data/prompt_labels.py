@@ -298,7 +298,7 @@ class PromptSpec:
 
     def degrees(self, params: Dict[str, Any]) -> Dict[str, float]:
         """:func:`degrees` of one sample with this spec's noise severity."""
-        return degrees(params, noise_severity=self.noise_severity if 'noise' in self.types else 'params')
+        return degrees(params, noise_severity='measured' if self.needs_measured_noise else 'params')
 
     @property
     def num_types(self) -> int:
