@@ -96,6 +96,8 @@ DATASET_REGISTRY = Registry('dataset')
 TRANSFORM_REGISTRY = Registry('transform')
 LOSS_REGISTRY = Registry('loss')
 METRIC_REGISTRY = Registry('metric')
+#: LR -> SR restorers of test.py (``method: {type: ...}``); see dalpsr/restorers/base.py.
+RESTORER_REGISTRY = Registry('restorer')
 
 
 def check_call_kwargs(fn: Callable, kwargs: Dict[str, Any], where: str) -> None:
