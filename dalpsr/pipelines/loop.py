@@ -129,7 +129,7 @@ class SamplingSettings:
     def check_scheduler_name(name: str) -> None:
         """``ValueError`` unless ``name`` is one of the offered schedulers."""
         if canonical_name(str(name)) not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler '{name}' (use one of {', '.join(SCHEDULERS)})")
+            raise ValueError(f"unknown '{name}' (use one of {', '.join(SCHEDULERS)})")
 
 
 @dataclass
