@@ -161,11 +161,14 @@ class DenoisingLoop:
         scale: SR factor. pad_multiple: the upsampled image is padded to a multiple of this (64).
         device: where the VAE and the latents live. vae_dtype: VAE precision; a non-finite
             fp16/bf16 VAE result is recomputed in fp32 when ``vae_fp32_fallback``.
+        prepare_modules: freeze the VAE, ``eval()`` it and move/cast it (default); ``False``
+            uses it as it is (it must already be on ``device`` in ``vae_dtype``).
     """
 
     def __init__(self, vae, scheduler_config: Dict[str, Any], *, scale: int = 4,
                  device: Union[str, torch.device, None] = None, vae_dtype: Union[str, torch.dtype] = 'fp32',
-                 vae_fp32_fallback: bool = True, pad_multiple: int = 64, logger: Optional[logging.Logger] = None):
+                 vae_fp32_fallback: bool = True, pad_multiple: int = 64, logger: Optional[logging.Logger] = None,
+                 prepare_modules: bool = True):
         self.logger = logger or logging.getLogger('dalpsr')
         self.device = torch.device(device) if device is not None else (
             torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu'))
@@ -175,9 +178,10 @@ class DenoisingLoop:
         self.scheduler_config = dict(scheduler_config)
         self.scale = int(scale)
         self.pad_multiple = int(pad_multiple)
-        self.vae.requires_grad_(False)
-        self.vae.eval()
-        move_module(self.vae, self.device, self.vae_dtype)
+        if prepare_modules:
+            self.vae.requires_grad_(False)
+            self.vae.eval()
+            move_module(self.vae, self.device, self.vae_dtype)
         self.vae_scale = float(getattr(self.vae.config, 'scaling_factor', 0.18215))
         self.last_stats: Dict[str, Any] = {}
 
