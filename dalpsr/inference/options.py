@@ -22,7 +22,7 @@ TEST_DEFAULTS: Dict[str, Any] = {
     'method': {'type': 'DaLPSRDiffusion'},
     'model': {'path': None, 'sd': None, 'device': 'auto', 'dtype': 'auto', 'vae_dtype': None,
               'vae_fp32_fallback': True, 'channels_last': False, 'compile': False, 'max_chunks': None},
-    'sampler': {'start': 'lr', 'start_step': 999, 'scheduler': 'ddpm', 'num_steps': 50, 'guidance_scale': 5.5,
+    'sampler': {'start': 'lr', 'start_step': 999, 'start_noise': 'first_step', 'scheduler': 'ddpm', 'num_steps': 50, 'guidance_scale': 5.5,
                 'eta': 0.0, 'negative_prompt': 'dotted, noise, blur, lowres, smooth',
                 'added_prompt': 'clean, high-resolution, 8k', 'conditioning_scale': 1.0,
                 'noise_guidance_steps': 1, 'scheduler_overrides': None, 'color_fix': 'adain', 'prompt': None,
@@ -96,11 +96,14 @@ def resolve_test_opt(opt: Dict[str, Any]) -> Dict[str, Any]:
 
 def _check_sampler(s: Dict[str, Any], src: str) -> None:
     """The shared denoising loop's settings (dalpsr.pipelines.loop.SamplingSettings)."""
-    from dalpsr.pipelines.loop import START_MODES, SamplingSettings
+    from dalpsr.pipelines.loop import START_MODES, START_NOISE, SamplingSettings
     from dalpsr.pipelines.tiling import TileOptions
     from dalpsr.utils.color_fix import COLOR_FIX_MODES
     if s['start'] not in START_MODES:
         raise OptionError(f"sampler.start must be one of {', '.join(START_MODES)} in {src}, got {s['start']!r}")
+    if s['start_noise'] not in START_NOISE:
+        raise OptionError(f"sampler.start_noise must be one of {', '.join(START_NOISE)} in {src}, "
+                          f"got {s['start_noise']!r}")
     if s['color_fix'] not in COLOR_FIX_MODES:
         raise OptionError(f"sampler.color_fix must be one of {', '.join(COLOR_FIX_MODES)} in {src}, "
                           f"got {s['color_fix']!r}")

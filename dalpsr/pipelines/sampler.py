@@ -224,7 +224,8 @@ class DaLPSRSampler:
                  seed: Union[int, Sequence[int]] = 0, tile: Union[None, Dict[str, Any], TileOptions] = None,
                  color_fix: str = 'adain', noise_guidance_steps: int = 1,
                  scheduler_overrides: Optional[Dict[str, Any]] = None, output: str = 'image',
-                 callback: Optional[Callable[[int, int], None]] = None, eta: float = 0.0) -> torch.Tensor:
+                 callback: Optional[Callable[[int, int], None]] = None, eta: float = 0.0,
+                 start_noise: str = 'first_step') -> torch.Tensor:
         """Super-resolve ``lq`` [B,3,h,w] in [0,1] -> [B,3,h*scale,w*scale] in [0,1] (float32, CPU).
 
         ``prompts``/``negative_prompt``/``seed``: one value for all images or one per image.
@@ -238,7 +239,7 @@ class DaLPSRSampler:
             raise ValueError(f'lq must be a [B, 3, h, w] tensor, got '
                              f'{tuple(lq.shape) if isinstance(lq, torch.Tensor) else type(lq).__name__}')
         settings = SamplingSettings(num_steps=num_steps, scheduler=scheduler, eta=eta, start=start,
-                                    start_step=start_step, guidance_scale=guidance_scale,
+                                    start_step=start_step, start_noise=start_noise, guidance_scale=guidance_scale,
                                     noise_guidance_steps=noise_guidance_steps,
                                     scheduler_overrides=scheduler_overrides, color_fix=color_fix, tile=tile)
         b = lq.shape[0]

@@ -23,7 +23,8 @@ from dalpsr.utils.registry import RESTORER_REGISTRY
 logger = logging.getLogger('dalpsr')
 
 #: sampler-block keys that are the loop's SamplingSettings (the rest are DaLPSR's prompt keys).
-LOOP_KEYS = ('num_steps', 'scheduler', 'eta', 'start', 'start_step', 'guidance_scale', 'noise_guidance_steps',
+LOOP_KEYS = ('num_steps', 'scheduler', 'eta', 'start', 'start_step', 'start_noise', 'guidance_scale',
+             'noise_guidance_steps',
              'scheduler_overrides', 'color_fix', 'tile')
 
 
@@ -133,6 +134,6 @@ class DaLPSRDiffusion(Restorer):
     def _loop_kwargs(self) -> Dict[str, Any]:
         st = self.settings
         return dict(num_steps=st.num_steps, scheduler=st.scheduler, eta=st.eta, start=st.start,
-                    start_step=st.start_step, guidance_scale=float(st.guidance_scale),
+                    start_step=st.start_step, start_noise=st.start_noise, guidance_scale=float(st.guidance_scale),
                     noise_guidance_steps=st.noise_guidance_steps, scheduler_overrides=st.scheduler_overrides,
                     color_fix=st.color_fix, tile=st.tile)
