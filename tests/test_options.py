@@ -103,13 +103,15 @@ def test_reference_train_yml_documents_every_key(repo_root):
 # ------------------------------------------------------------------ the whole train options tree
 def documented_tree(text):
     """``{dotted key: has a comment}`` of a reference options file, commented-out keys included
-    (``# key: value  # comment`` lines, nested by the column of the ``#``)."""
+    (``# key: value  # comment`` lines, nested by the column of the key, counted from one
+    space after the ``#``)."""
     out, stack = {}, []
     for ln in text.splitlines():
         m = re.match(r'^(\s*)(#\s*)?([a-z_][a-z0-9_]*):(.*)$', ln)
         if not m:
             continue
-        indent, key, rest = len(m.group(1)), m.group(3), m.group(4)
+        indent = len(m.group(1)) + (len(m.group(2)) - 2 if m.group(2) else 0)
+        key, rest = m.group(3), m.group(4)
         while stack and stack[-1][0] >= indent:
             stack.pop()
         stack.append((indent, key))
@@ -203,3 +205,15 @@ def test_a_documented_key_can_be_set_when_its_block_is_absent(repo_root, tmp_pat
         parse_args(['-opt', str(minimal), '--set', 'pth.experiments_root=x'])
     with pytest.raises(OptionError, match="'name' is not a block"):
         parse_args(['-opt', str(minimal), '--set', 'name.x=1'])
+
+
+def test_caption_align_reference_documents_every_model_key(repo_root):
+    """The model block of the third training recipe (the other two models have their own tests:
+    test_dalpsr_model.py, test_irpad_options.py) is documented key by key in captioning.yml."""
+    from dalpsr.models.caption_align_model import CaptionAlignModel
+    text = open(f'{repo_root}/options/reference/captioning.yml').read()
+    block = text[text.index('[dalpsr/train.py model block]'):]
+    doc = {k.split('.', 1)[1]: c for k, c in documented_tree(block).items() if k.startswith('model.')}
+    missing = sorted(k for k in CaptionAlignModel.KEYS if k != 'type' and not doc.get(k))
+    assert not missing, f'options/reference/captioning.yml does not document {missing}'
+    assert set(doc) <= set(CaptionAlignModel.KEYS), sorted(set(doc) - set(CaptionAlignModel.KEYS))
