@@ -221,6 +221,15 @@ def test_sigint_checkpoints_and_stops_as_train_py_says(tmp_path, capsys):
     with 130 and the same command resumes; a second Ctrl-C stops at once without a checkpoint;
     the previous SIGINT handler is back afterwards; handle_signals: false leaves Ctrl-C alone."""
     before = signal.getsignal(signal.SIGINT)
+    try:  # Python's own handler, as in a terminal (a background shell starts Python with SIGINT ignored)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _sigint_cases(tmp_path, capsys)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _sigint_cases(tmp_path, capsys):
+    before = signal.getsignal(signal.SIGINT)
     opt = toy_options(tmp_path, total_iter=10)
     opt['model'].update(type='SigintToyModel', sigint_at=3)
     opt.pop('_source')
@@ -241,11 +250,16 @@ def test_sigint_checkpoints_and_stops_as_train_py_says(tmp_path, capsys):
         _run(opt2)
     assert not list((tmp_path / 'twice' / 'checkpoints').iterdir())
     assert signal.getsignal(signal.SIGINT) is before
-    # off: Python's own KeyboardInterrupt
+    # off: the loop leaves SIGINT to Python's own handler
     opt3 = toy_options(tmp_path, name='off', total_iter=10, handle_signals=False)
     opt3['model'].update(type='SigintToyModel', sigint_at=2)
     with pytest.raises(KeyboardInterrupt):
         _run(opt3)
+    # a process started with SIGINT ignored (a background job of a script) keeps ignoring it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    res = _run(dict(opt3, name='ignored', train=dict(opt3['train'], handle_signals=True)))
+    assert res['step'] == 10 and res['stopped_by'] is None
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_bad_options_fail_clearly(tmp_path, capsys):

@@ -117,7 +117,8 @@ class StopFlag:
     """Set by SIGTERM, SIGINT (Ctrl-C) or SIGUSR1: the loop finishes the step in flight, writes a
     checkpoint and returns; running the same command again resumes. A second SIGINT raises
     :class:`KeyboardInterrupt` at once (no checkpoint). The previous handlers come back with
-    :meth:`restore`. Off with ``handle_signals: false`` or outside the main thread."""
+    :meth:`restore`. Off with ``handle_signals: false`` or outside the main thread; a SIGINT
+    that the process was started to ignore (a background job of a script) stays ignored."""
 
     SIGNALS = ('SIGTERM', 'SIGINT', 'SIGUSR1')
 
@@ -131,8 +132,8 @@ class StopFlag:
         try:
             for name in self.SIGNALS:
                 sig = getattr(signal, name, None)
-                if sig is not None:
-                    self._old[sig] = signal.signal(sig, self._handler)
+                if sig is not None and not (name == 'SIGINT' and signal.getsignal(sig) is signal.SIG_IGN):
+                    self._old[sig] = signal.signal(sig, self._handler)  # an ignored SIGINT stays ignored
         except ValueError:  # not in the main thread
             self.restore()
 
