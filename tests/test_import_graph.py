@@ -7,7 +7,7 @@ local imports included: hiding an import in a function does not remove the depen
 """
 import ast
 import os
-from collections import defaultdict, deque
+from collections import deque
 
 import pytest
 
