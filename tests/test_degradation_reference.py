@@ -155,7 +155,7 @@ def test_whole_chain_equals_the_reference_with_its_recorded_parameters(refmod, r
     ``apply``. With the JPEG codec the same (DiffJPEG in both), the LR is the reference's to
     within one 8-bit level at < 0.1 % of pixels (in practice identical); with our libjpeg the mean
     difference stays within the codec's per-op tolerance (test above, 4.5 levels) times the chain's
-    JPEG stages that can differ (2 of them, plus the one before the final resize: 3)."""
+    two JPEG stages (measured: 2.9-7.2 levels on these 8 samples)."""
     crops = refmod.make_crops(4, 96, 0)
     deg = RealESRGANDegradation()
     seen = set()
@@ -183,7 +183,7 @@ def test_whole_chain_equals_the_reference_with_its_recorded_parameters(refmod, r
             if codec == 'diffjpeg':
                 assert d.max() <= 1.0 + 1e-3 and (d > 0.5).mean() < 1e-3, (seed, d.max(), (d > 0.5).mean())
             else:
-                assert d.mean() < 3 * 4.5, (seed, d.mean())
+                assert d.mean() < 2 * 4.5, (seed, d.mean())
     # the seeds exercised every resize mode of both orders, both final orders, up and down
     assert {'area1', 'bilinear1', 'bicubic1', 'area2', 'bilinear2', 'bicubic2', 'resize_sinc_jpeg',
             'jpeg_resize_sinc', 'up', 'down'} <= seen, seen
