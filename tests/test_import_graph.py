@@ -22,8 +22,8 @@ LAYERS = [
     {'utils'},                          # options, registries, file I/O, workers: no dalpsr import
     {'data', 'archs', 'losses'},        # degradations/labels/datasets; networks; loss functions
     {'metrics', 'captioning'},          # IQA metrics (sample images of data); taggers (RAM arch)
+    {'pipelines'},                      # denoising loop, schedulers, samplers (validation uses them)
     {'models'},                         # training wrappers of archs (losses, data labels)
-    {'pipelines'},                      # denoising loop, schedulers, tiny stand-ins
     {'restorers'},                      # one registered restorer per method (test time)
     {'inference', 'training'},          # test.py core; train loop
 ]

@@ -18,7 +18,7 @@ from tests.script_loader import load_script
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
     from dalpsr.captioning.tiny import make_tiny_llava
-    from dalpsr.pipelines.tiny import build_tiny_dalpsr
+    from dalpsr.inference.tiny import build_tiny_dalpsr
     root = tmp_path_factory.mktemp('tiny')
     paths = build_tiny_dalpsr(str(root / 'models'))
     paths['llava'] = make_tiny_llava(str(root / 'llava'))
