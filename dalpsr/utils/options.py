@@ -27,7 +27,7 @@ TOP_LEVEL_KEYS = {
     'name', 'model', 'manual_seed', 'num_gpu', 'is_train', 'datasets', 'network', 'networks',
     'path', 'train', 'val', 'logger', 'dist', 'degradation', 'prompt', 'sampler', 'test',
     'metrics', 'captioner', 'irpad', 'sd', 'tile', 'color_fix', 'accelerate', 'output',
-    'imports', 'seed',
+    'imports', 'seed', 'method',
 }
 
 
