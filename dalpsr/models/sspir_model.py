@@ -49,8 +49,7 @@ DEFAULTS: Dict[str, Any] = {
     'attention': 'sdpa',
     'frozen_dtype': 'auto',
     'latent_sample': True,
-    'val': {'num_images': 2, 'num_steps': 20, 'guidance_scale': 7.5, 'negative_prompt': '', 'seed': 0,
-            'loss_timesteps': [100, 500, 900]},
+    'val': {'seed': 0, 'loss_timesteps': [100, 500, 900]},
 }
 PART_NAMES = ('controlnet', 'processor', 'refine', 'unet')
 
