@@ -58,7 +58,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from dalpsr.utils.misc import atomic_write_json, atomic_write_text, get_time_str, mkdir_and_rename, set_random_seed  # noqa: E402,E501
+from dalpsr.utils.experiment import act_on_folder, changed_keys, describe_keys, folder_in_use, plan_folder  # noqa: E402,E501
+from dalpsr.utils.misc import atomic_write_json, atomic_write_text, get_time_str, set_random_seed  # noqa: E402
 from dalpsr.utils.options import OptionError, check_keys, dump_options, load_options  # noqa: E402
 
 #: Defaults of the ``train:`` block (each key is documented in options/reference/train.yml).
@@ -211,16 +212,19 @@ def list_checkpoints(ckpt_root: Path) -> List[Tuple[int, Path]]:
     return sorted(out)
 
 
-def plan_experiment(exp_dir: Path, resume: str = 'auto', force: bool = False) -> Tuple[str, Optional[Path]]:
+def plan_experiment(exp_dir: Path, resume: str = 'auto', force: bool = False,
+                    opt: Optional[Dict[str, Any]] = None) -> Tuple[str, Optional[Path]]:
     """Decide what to do with ``exp_dir`` without touching it (same answer on every process).
 
-    Returns ``('fresh', None)``, ``('archive', None)`` (rename the old folder, then fresh) or
-    ``('resume', checkpoint_dir)``; raises :class:`FileExistsError` when the folder exists and
-    nothing allows using it.
+    Returns ``('fresh', None)``, ``('archive', None)`` (rename the old folder, then fresh),
+    ``('resume', checkpoint_dir)`` or ``('archive_then_resume', checkpoint_dir)``. The rule
+    (dalpsr/utils/experiment.py, shared with test.py): ``--resume auto`` continues the latest
+    checkpoint when the ``model`` / ``datasets`` / ``seed`` options of ``opt`` match the
+    folder's ``options.yml`` and refuses otherwise, naming the changed keys
+    (:class:`~dalpsr.utils.experiment.FolderConflict`); ``--force`` archives;
+    ``--resume no`` refuses any existing folder (:class:`FileExistsError`).
     """
-    exists = exp_dir.is_dir() and any(exp_dir.iterdir())
-    if exp_dir.exists() and not exp_dir.is_dir():
-        raise FileExistsError(f'{exp_dir} exists and is not a folder')
+    exists = folder_in_use(exp_dir)
     if resume not in ('auto', 'no'):
         ckpt = Path(resume)
         if not (ckpt.is_dir() and CKPT_RE.match(ckpt.name)):
@@ -231,17 +235,32 @@ def plan_experiment(exp_dir: Path, resume: str = 'auto', force: bool = False) ->
         if force and exists and ckpt.resolve().parent.parent == exp_dir.resolve():
             raise OptionError('--force would archive the folder that holds the checkpoint to resume from')
         return ('archive_then_resume' if (force and exists) else 'resume'), ckpt
-    if force:
-        return ('archive' if exists else 'fresh'), None
-    if not exists:
-        return 'fresh', None
-    if resume == 'no':
+    if exists and resume == 'no' and not force:
         raise FileExistsError(f'{exp_dir} exists and --resume no was given; refusing to overwrite it '
                               '(use --force to archive it with a timestamp, or pick another name)')
-    ckpts = list_checkpoints(exp_dir / 'checkpoints')
-    if not ckpts:  # an earlier run that stopped before its first checkpoint: keep it, renamed
+    ckpts = list_checkpoints(exp_dir / 'checkpoints') if exists else []
+    if exists and not force and not ckpts:  # an earlier run that stopped before its first checkpoint
         return 'archive', None
-    return 'resume', ckpts[-1][1]
+    fingerprint: Dict[str, Any] = {}
+    stored: Optional[Dict[str, Any]] = {}
+    if opt is not None and exists and not force:
+        fingerprint = experiment_fingerprint(yaml.safe_load(dump_options(opt)) or {})
+        f = exp_dir / 'options.yml'
+        stored = experiment_fingerprint(yaml.safe_load(f.read_text(encoding='utf-8')) or {}) if f.is_file() \
+            else fingerprint  # a folder from before options.yml was written: nothing to compare
+    action = plan_folder(exp_dir, fingerprint, stored, force, verb='trained', content='experiments',
+                         record='options.yml', ignore_leaves=RESUME_FREE_KEYS,
+                         advice=f'or --resume {ckpts[-1][1]} to continue it anyway' if ckpts else '')
+    return action, (ckpts[-1][1] if action == 'resume' else None)
+
+
+#: option keys that may change between a run and its automatic resume (loader plumbing only)
+RESUME_FREE_KEYS = ('num_workers', 'workers', 'progress', 'progress_bar', 'print_freq', 'tensorboard')
+
+
+def experiment_fingerprint(opt: Dict[str, Any]) -> Dict[str, Any]:
+    """The options that decide what an experiment folder holds: ``model``, ``datasets``, ``seed``."""
+    return {k: opt.get(k) for k in ('model', 'datasets', 'seed')}
 
 
 class LoopState:
@@ -257,38 +276,6 @@ class LoopState:
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.step = int(state['step'])
         self.samples_seen = int(state['samples_seen'])
-
-
-#: option keys that may change between a run and its automatic resume (loader plumbing only)
-_RESUME_FREE_KEYS = ('num_workers', 'workers', 'progress', 'progress_bar', 'print_freq', 'tensorboard')
-
-
-def check_auto_resume(exp_dir: Path, opt: Dict[str, Any], checkpoint: Path) -> None:
-    """``--resume auto`` continues the experiment in ``exp_dir``; refuse (OptionError) when its
-    first run used other ``model`` / ``datasets`` / ``seed`` options: resuming would silently
-    mix two experiments (or, for a finished one, report the old result under the new options)."""
-    f = exp_dir / 'options.yml'
-    if not f.is_file():
-        return
-    old = yaml.safe_load(f.read_text(encoding='utf-8')) or {}
-    new = yaml.safe_load(dump_options(opt)) or {}
-    changed = [k for k in _changed_keys({k: old.get(k) for k in ('model', 'datasets', 'seed')},
-                                        {k: new.get(k) for k in ('model', 'datasets', 'seed')})
-               if k.rsplit('.', 1)[-1] not in _RESUME_FREE_KEYS]
-    if changed:
-        raise OptionError(f"{exp_dir} was trained with other options ({', '.join(changed[:6])}"
-                          f"{' ...' if len(changed) > 6 else ''}); give this run another name:, or --force to "
-                          f"archive the old folder, or --resume {checkpoint} to continue it anyway")
-
-
-def _changed_keys(a: Any, b: Any, prefix: str = '') -> List[str]:
-    """Dotted keys whose values differ between two option trees."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in list(a) + [k for k in b if k not in a]:
-            out += _changed_keys(a.get(k), b.get(k), f'{prefix}{k}.')
-        return out
-    return [] if a == b else [prefix.rstrip('.')]
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -462,9 +449,7 @@ def train(opt: Dict[str, Any]) -> Dict[str, Any]:
         torch.backends.cudnn.allow_tf32 = True
 
     # ---- the experiment folder: decided identically on every process before anything is built
-    action, resume_from = plan_experiment(exp_dir, args.get('resume', 'auto'), bool(args.get('force', False)))
-    if action == 'resume' and args.get('resume', 'auto') == 'auto':
-        check_auto_resume(exp_dir, opt, resume_from)
+    action, resume_from = plan_experiment(exp_dir, args.get('resume', 'auto'), bool(args.get('force', False)), opt)
     log = get_root_logger(main_process=main)
 
     # ---- data
@@ -506,9 +491,7 @@ def train(opt: Dict[str, Any]) -> Dict[str, Any]:
     # ---- everything built without error: now act on the folder (main process only)
     accelerator.wait_for_everyone()
     if main:
-        if action.startswith('archive'):
-            mkdir_and_rename(exp_dir, rename=True)
-        exp_dir.mkdir(parents=True, exist_ok=True)
+        act_on_folder(exp_dir, 'archive' if action.startswith('archive') else 'fresh')
         ckpt_root.mkdir(exist_ok=True)
         for stale in ckpt_root.glob('.tmp-checkpoint-*'):
             shutil.rmtree(stale, ignore_errors=True)
@@ -526,11 +509,11 @@ def train(opt: Dict[str, Any]) -> Dict[str, Any]:
             text = dump_options(opt)
             opt_file = exp_dir / 'options.yml'
             if opt_file.exists() and opt_file.read_text(encoding='utf-8') != text:
-                changed = _changed_keys(yaml.safe_load(opt_file.read_text(encoding='utf-8')) or {},
-                                        yaml.safe_load(text) or {})
+                changed = changed_keys(yaml.safe_load(opt_file.read_text(encoding='utf-8')) or {},
+                                       yaml.safe_load(text) or {})
                 opt_file = exp_dir / f'options_{get_time_str()}.yml'
                 log.warning('options differ from the first run of this experiment (%s); saved as %s',
-                            ', '.join(changed[:8]) + (' ...' if len(changed) > 8 else ''), opt_file.name)
+                            describe_keys(changed, 8), opt_file.name)
             atomic_write_text(opt_file, text)
         log.info('experiment %s (%s), %s process(es), device %s, mixed precision %s',
                  exp_dir, {'fresh': 'new', 'archive': 'new; the old folder was archived'}.get(action, 'resuming'),

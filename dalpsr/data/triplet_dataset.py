@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import cv2
 import numpy as np
 
+from dalpsr.data.captions import load_captions
 from dalpsr.data.degradations import RealESRGANDegradation
 from dalpsr.data.prompt_labels import PromptSpec
 from dalpsr.utils.img_io import ImageReadError, read_image
@@ -63,14 +64,7 @@ def load_caption_map(path: Optional[str]) -> Dict[str, str]:
         return {}
     if not os.path.isfile(path):
         raise FileNotFoundError(f"caption_file not found: {path}")
-    try:
-        from dalpsr.captioning import load_captions
-    except ImportError:  # pragma: no cover - captioning package absent
-        load_captions = None
-    if load_captions is not None:
-        return load_captions(path)
-    return {r['key']: r.get('description') or '' for r in read_jsonl(path)
-            if isinstance(r, dict) and 'key' in r and r.get('error') is None}
+    return load_captions(path)
 
 
 def crop_and_augment(img: np.ndarray, gt_size: int, rng: np.random.Generator, use_hflip: bool = True,

@@ -34,15 +34,17 @@ import hashlib
 import json
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from dalpsr.data.triplet_dataset import TripletDataset
+from dalpsr.utils.img_io import write_image
 from dalpsr.utils.misc import append_jsonl, atomic_write_json, atomic_write_text, mkdir_and_rename, read_jsonl
+from dalpsr.utils.workers import worker_pool
 
-__all__ = ['write_triplets', 'worker_pool', 'GENERATE_FILE', 'META_FILE']
+__all__ = ['write_triplets', 'GENERATE_FILE', 'META_FILE']
 
 GENERATE_FILE = 'generate.json'
 META_FILE = 'meta.jsonl'
@@ -79,8 +81,6 @@ _W: Dict[str, Any] = {}
 
 
 def _make_dataset(ds_kwargs: Dict[str, Any]):
-    from dalpsr.data.triplet_dataset import TripletDataset
-
     class _Recording(TripletDataset):
         """TripletDataset that collects skip reasons instead of logging them."""
 
@@ -103,49 +103,6 @@ def _make_dataset(ds_kwargs: Dict[str, Any]):
     return ds
 
 
-@contextmanager
-def worker_pool(workers: int, initializer, initargs: tuple, threads: int = 1) -> Iterator[Any]:
-    """A multiprocessing Pool whose workers run OpenCV with ``threads`` threads (0: leave as is).
-
-    Calling ``cv2.setNumThreads`` inside a *forked* child can deadlock (pthread_cond_destroy on
-    the thread pool state copied from a parent that had used OpenCV threads), so with fork the
-    parent sets the count before forking (children inherit it) and restores it afterwards; a
-    spawned child (no fork on the platform) sets it itself in :func:`apply_threads`.
-    ``initializer(*initargs)`` runs in each child first.
-    """
-    import multiprocessing as mp
-    import cv2
-    method = 'fork' if 'fork' in mp.get_all_start_methods() else 'spawn'
-    prev = cv2.getNumThreads()
-    if threads > 0:
-        cv2.setNumThreads(int(threads))
-    try:
-        with mp.get_context(method).Pool(int(workers), initializer=_pool_init,
-                                         initargs=(method, int(threads), initializer, initargs)) as pool:
-            yield pool
-    finally:
-        cv2.setNumThreads(prev)
-
-
-def _pool_init(method: str, threads: int, initializer, initargs: tuple) -> None:
-    apply_threads(threads, cv2_too=method != 'fork')
-    initializer(*initargs)
-
-
-def apply_threads(threads: int, cv2_too: bool = True) -> None:
-    """Cap torch (and OpenCV, unless in a forked child) threads of this process (0: no change)."""
-    if threads <= 0:
-        return
-    if cv2_too:
-        import cv2
-        cv2.setNumThreads(threads)
-    try:
-        import torch
-        torch.set_num_threads(threads)
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def _init_worker(ds_kwargs: Dict[str, Any], out_dir: str, mode: str) -> None:
     """Per-process state of the writer."""
     _W.update(ds=_make_dataset(ds_kwargs), out=Path(out_dir), mode=mode)
@@ -157,7 +114,6 @@ def _hwc(t) -> np.ndarray:
 
 def _make_sample(i: int):
     """Degrade sample ``i``, write its two images atomically, return (record, new skip reasons)."""
-    from dalpsr.utils.img_io import write_image
     ds, out = _W['ds'], _W['out']
     item = ds[i]
     gdir, ldir = _dirs(_W['mode'])
