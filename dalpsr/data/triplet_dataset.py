@@ -8,7 +8,11 @@
 
 Items (default collate works)::
 
-    gt      float32 tensor [3, H, W] in [0, 1]            (H = W = gt_size)
+    gt      float32 tensor [3, H, W] in [0, 1]            (H = W = gt_size); the target of the
+            L1 / main loss: USM-sharpened iff degradation.l1_gt_usm (default true, as x4plus)
+    gt_percep, gt_gan  targets of a perceptual / GAN loss (percep_gt_usm / gan_gt_usm), present
+            only when they differ from gt (x4plus defaults: gt_gan = the unsharpened crop); a
+            loss takes ``batch.get('gt_gan', batch['gt'])``
     lq      float32 tensor [3, H/scale, W/scale] in [0, 1]
     labels  int64 tensor [T]  (interval index per prompt type, 0..K-1)
     prompt  str   restoration prompt p_r, e.g. "Deblur with sigma 0.5~0.75, ..."
@@ -120,8 +124,8 @@ def make_triplet(img: np.ndarray, rng: np.random.Generator, degradation: RealESR
     params['crop'] = crop
     deg = spec.degrees(params)
     labels = spec.labels_from_degrees(deg)
-    return {'gt': out['gt'], 'lq': out['lq'], 'params': params, 'degrees': deg, 'labels': labels,
-            'prompt': spec.prompt(labels)}
+    return {'gt': out['gt'], 'gt_percep': out['gt_percep'], 'gt_gan': out['gt_gan'], 'lq': out['lq'],
+            'params': params, 'degrees': deg, 'labels': labels, 'prompt': spec.prompt(labels)}
 
 
 def _read_meta_info(meta_info: str, root: Optional[str]) -> List[Path]:
@@ -252,10 +256,16 @@ class TripletDataset(_SkipMixin, _torch_dataset_base()):
                                f'{self.paths[item % n]} on (see the warnings above)')
         key = path.stem
         t['params']['source'] = str(path)
-        return {'gt': _to_tensor(t['gt']), 'lq': _to_tensor(t['lq']),
+        item = {'gt': _to_tensor(t['gt']), 'lq': _to_tensor(t['lq']),
                 'labels': torch.tensor(t['labels'], dtype=torch.int64), 'prompt': t['prompt'],
                 'caption': self.captions.get(key, ''), 'params': json.dumps(t['params']), 'key': key,
                 'index': index}
+        # targets of a perceptual / GAN loss, only when they differ from gt (degradation.*_gt_usm)
+        usm = self.degradation.target_usm
+        for name in ('percep', 'gan'):
+            if usm[name] != usm['l1']:
+                item[f'gt_{name}'] = _to_tensor(t[f'gt_{name}'])
+        return item
 
 
 @DATASET_REGISTRY.register()
