@@ -10,8 +10,9 @@ full size against DaLPSR's ControlNet, 361 M on SD 1.5).
 
 - train step: exactly what ``dalpsr/train.py`` runs per optimizer step for ``SSPIRModel`` /
   ``DaLPSRModel`` (``training_step`` under ``accelerator.autocast``, backward, clip, AdamW step);
-- s/img: each method's registered restorer (``dalpsr/restorers``) on the shared denoising loop:
-  ``--infer-steps`` DDPM steps with CFG (SSP-IR: 7.5 as the paper; DaLPSR: 5.5), output ``--size`` px.
+- s/img: each method's sampler on the shared denoising loop (SSP-IR: its restorer
+  ``dalpsr/restorers/sspir.py``; DaLPSR: ``DaLPSRSampler``), ``--infer-steps`` DDPM steps from the
+  LR-embedded start with CFG (SSP-IR 7.5 as the paper, DaLPSR 5.5), output ``--size`` px, one image
   (skipped with ``--no-infer``).
 
 Each method runs in its own process (peak memory is that method's own: ``max_memory_allocated``
@@ -43,6 +44,8 @@ import torch  # noqa: E402
 from dalpsr.utils.misc import resolve_device  # noqa: E402
 
 METHODS = ('sspir', 'dalpsr')
+_NEGATIVE = 'dotted, noise, blur, lowres, smooth'   # SeeSR's defaults (both methods)
+_ADDED = 'clean, high-resolution, 8k'
 _CAPTION = ('a detailed photograph of an old stone bridge over a slow river in autumn light with red and yellow '
             'trees on both banks reflections on the water a small boat moored under the arch moss on the wet '
             'stones soft clouds in a pale blue sky and distant hills fading into haze')
@@ -158,26 +161,30 @@ def run_one(args) -> dict:
 
 def run_infer(args, model, device, sync) -> dict:
     """s/img of the method's restorer on the shared loop (networks of ``model``, no export)."""
-    optimizer = None  # noqa: F841 - training state no longer needed
     if device.type == 'cuda':
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     dtype = 'fp16' if args.precision == 'fp16' else ('bf16' if args.precision == 'bf16' else 'fp32')
     settings = {'num_steps': args.infer_steps, 'scheduler': 'ddpm'}
     if args.method == 'sspir':
-        from dalpsr.restorers.sspir import SSPIRRestorer
-        r = SSPIRRestorer.from_model(model, device=str(device), dtype=dtype, sampler=dict(settings, guidance_scale=7.5))
+        from dalpsr.restorers.sspir import SSPIR
+        r = SSPIR.from_model(model, device=str(device), dtype=dtype, sampler=dict(settings, guidance_scale=7.5),
+                             negative_prompt=_NEGATIVE, added_prompt=_ADDED)
+        run = lambda i: r.restore(lq, seeds=[i], captions=[_CAPTION])  # noqa: E731
     else:
-        from dalpsr.restorers.dalpsr_diffusion import restorer_from_model
-        r = restorer_from_model(model, device=str(device), dtype=dtype, sampler=dict(settings, guidance_scale=5.5))
+        from dalpsr.pipelines.sampler import DaLPSRSampler
+        cn = model.unwrap(model.controlnet)
+        sampler = DaLPSRSampler(model.components, cn, scale=4, device=device, dtype=dtype, max_chunks=3)
+        prompt = f'Deblur with sigma 0.5~0.75. {_CAPTION}. {_ADDED}'
+        run = lambda i: sampler(lq, [prompt], negative_prompt=_NEGATIVE, seed=[i], guidance_scale=5.5,  # noqa: E731
+                                **settings)
     lq = torch.rand(1, 3, args.size // 4, args.size // 4, generator=torch.Generator().manual_seed(1))
-    caps = [_CAPTION]
     for _ in range(args.infer_warmup):
-        r.restore(lq, seeds=[0], captions=caps, restoration=['Deblur with sigma 0.5~0.75'])
+        run(0)
     sync()
     t = time.perf_counter()
     for i in range(args.infer_runs):
-        out = r.restore(lq, seeds=[i], captions=caps, restoration=['Deblur with sigma 0.5~0.75'])
+        out = run(i)
     sync()
     return {'sec_per_img': (time.perf_counter() - t) / args.infer_runs, 'infer_peak_mb': peak_mb(device),
             'sr_shape': list(out.shape), 'sr_finite': bool(torch.isfinite(out).all())}
