@@ -267,3 +267,27 @@ def test_reference_options_document_every_key_and_recipes_are_valid():
     assert d['noise_range'] == [1.0, 15.0] and d['jpeg_range2'] == [60, 100] and d['second_blur_prob'] == 0.5
     from dalpsr.data.degradations import RealESRGANDegradation
     RealESRGANDegradation(**d)  # every SeeSR setting is a valid degradation key
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny, hr_folder, tmp_path):
+    """Checkpointed blocks (diffusers' and the StructureUpBlock wrapper) recompute the priors from
+    cross_attention_kwargs: loss and gradients equal the run without checkpointing."""
+    opt = _opt(tmp_path, tiny, hr_folder)
+    batch = _fixed_batch(opt)
+    grads = {}
+    for ck in (False, True):
+        o = copy.deepcopy(opt)
+        o['model']['gradient_checkpointing'] = ck
+        m = _build(o)
+        assert m.unet.up_blocks[0].block.gradient_checkpointing is ck  # SD's UpBlock2D inside the wrapper
+        torch.manual_seed(11)
+        out = m.training_step(batch, 0)
+        out['loss'].backward()
+        named = [(f'{k}.{n}', p) for k, mod in m.trainable_modules().items() for n, p in mod.named_parameters()
+                 if p.requires_grad]
+        grads[ck] = (float(out['loss'].detach()), {n: p.grad.clone() for n, p in named if p.grad is not None})
+    (l0, g0), (l1, g1) = grads[False], grads[True]
+    assert l0 == pytest.approx(l1, rel=1e-6)
+    assert set(g0) == set(g1) and any('structure_attentions' in n for n in g0)
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-6), n
