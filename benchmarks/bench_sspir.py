@@ -16,7 +16,8 @@ full size against DaLPSR's ControlNet, 361 M on SD 1.5).
   (skipped with ``--no-infer``).
 
 Each method runs in its own process (peak memory is that method's own: ``max_memory_allocated``
-on a GPU, the process RSS high-water mark on CPU).
+on a GPU, the process RSS high-water mark on CPU). On CPU the run also reports process CPU time
+(``time.process_time``), which other jobs on a shared machine do not inflate (use ``--threads 1``).
 
     python benchmarks/bench_sspir.py                         # CPU: SD 1.5 x 0.25 widths, 64 px, batch 1
     python benchmarks/bench_sspir.py --device cuda           # GPU: full SD 1.5, 512 px, batch 4, fp16
@@ -145,11 +146,12 @@ def run_one(args) -> dict:
 
     losses = [step(i) for i in range(args.warmup)]
     sync()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for i in range(args.steps):
         losses.append(step(args.warmup + i))
     sync()
     res = {'method': args.method, 'sec_per_step': (time.perf_counter() - t) / args.steps,
+           'cpu_sec_per_step': (time.process_time() - c) / args.steps,
            'train_peak_mb': peak_mb(device), 'trainable_m': trainable / 1e6, 'build_s': build_s,
            'loss_finite': all(math.isfinite(v) for v in losses), 'device': str(device),
            'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
@@ -182,11 +184,12 @@ def run_infer(args, model, device, sync) -> dict:
     for _ in range(args.infer_warmup):
         run(0)
     sync()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for i in range(args.infer_runs):
         out = run(i)
     sync()
-    return {'sec_per_img': (time.perf_counter() - t) / args.infer_runs, 'infer_peak_mb': peak_mb(device),
+    return {'sec_per_img': (time.perf_counter() - t) / args.infer_runs,
+            'cpu_sec_per_img': (time.process_time() - c) / args.infer_runs, 'infer_peak_mb': peak_mb(device),
             'sr_shape': list(out.shape), 'sr_finite': bool(torch.isfinite(out).all())}
 
 
@@ -281,6 +284,13 @@ def main(argv=None) -> int:
         if 'sec_per_img' in a and 'sec_per_img' in b:
             line += f', s/img x{a["sec_per_img"] / b["sec_per_img"]:.2f}'
         print(line + f', trainable params x{a["trainable_m"] / b["trainable_m"]:.2f}')
+        if args.device == 'cpu':  # process CPU time: robust to other jobs on a shared machine (1 thread: = compute)
+            line = (f'CPU time (process_time, {a["threads"]} thread(s)): train step {a["cpu_sec_per_step"]:.2f} vs '
+                    f'{b["cpu_sec_per_step"]:.2f} s (x{a["cpu_sec_per_step"] / b["cpu_sec_per_step"]:.2f})')
+            if 'cpu_sec_per_img' in a and 'cpu_sec_per_img' in b:
+                line += (f', per image {a["cpu_sec_per_img"]:.2f} vs {b["cpu_sec_per_img"]:.2f} s '
+                         f'(x{a["cpu_sec_per_img"] / b["cpu_sec_per_img"]:.2f})')
+            print(line)
     if args.json:
         from dalpsr.utils.misc import atomic_write_json
         atomic_write_json(args.json, {'args': {k: v for k, v in vars(args).items() if k != 'one'}, 'results': results})
