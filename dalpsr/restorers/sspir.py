@@ -29,9 +29,14 @@ from dalpsr.utils.registry import RESTORER_REGISTRY
 
 logger = logging.getLogger('dalpsr')
 
-#: sampler-block keys that are the loop's SamplingSettings.
-LOOP_KEYS = ('num_steps', 'scheduler', 'eta', 'start', 'start_step', 'guidance_scale', 'noise_guidance_steps',
-             'scheduler_overrides', 'color_fix', 'tile')
+
+def loop_settings(sampler: Dict[str, Any]):
+    """The sampler-block keys that are fields of the loop's ``SamplingSettings`` -> SamplingSettings."""
+    from dataclasses import fields
+
+    from dalpsr.pipelines.loop import SamplingSettings
+    names = {f.name for f in fields(SamplingSettings)}
+    return SamplingSettings.from_opt({k: v for k, v in sampler.items() if k in names})
 
 from dalpsr.pipelines.denoiser import Conditions, Denoiser  # noqa: E402 - the shared loop's method interface
 
@@ -151,12 +156,11 @@ class SSPIR(Restorer):
                  clip: Optional[str] = None) -> None:
         super().__init__()
         from dalpsr.archs.sspir_arch import read_export_meta
-        from dalpsr.pipelines.loop import SamplingSettings
         self.model_opt, self.sampler_opt, self.device = dict(model), dict(sampler), str(device)
         self.clip_path = clip
         self.meta = read_export_meta(str(model['path']))
         self.scale = int(self.meta.get('scale', 4))
-        self.settings = SamplingSettings.from_opt({k: sampler[k] for k in LOOP_KEYS if k in sampler})
+        self.settings = loop_settings(sampler)
         self._nets: Optional[SSPIRNets] = None
         self._loop = None
 
