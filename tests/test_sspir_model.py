@@ -198,8 +198,12 @@ def test_multiscale_losses():
         assert float(fft_l1(o, e)) == pytest.approx(dc / n_vals, rel=1e-4)
 
 
-def test_caption_dropout_is_per_sample_deterministic_and_at_the_rate(tiny, hr_folder, tmp_path):
-    m = _build(_opt(tmp_path, tiny, hr_folder))
+def test_caption_dropout_is_per_sample_deterministic_and_at_the_rate():
+    from types import SimpleNamespace
+
+    from dalpsr.models.sspir_model import SSPIRModel
+    m = SimpleNamespace(seed=3, cfg={'caption_dropout': 0.5})
+    m.captions = SSPIRModel.captions.__get__(m)
     n = 400
     batch = {'lq': torch.zeros(n, 3, 2, 2), 'caption': [f'cap {i}' for i in range(n)], 'index': torch.arange(n)}
     a = m.captions(batch, training=True)
