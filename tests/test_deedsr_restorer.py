@@ -6,17 +6,25 @@ import torch
 
 from dalpsr.utils.options import OptionError
 
+REPO = __import__('pathlib').Path(__file__).resolve().parent.parent
+
 TINY_ADAPTER = {'model_channels': 8, 'channel_mult': [1, 2], 'num_heads': 2, 'out_channels': 8, 'reduction': 4,
                 'norm_groups': 4}
 
 
 @pytest.fixture(scope='module')
-def tiny_export(tmp_path_factory):
-    from dalpsr.archs.deedsr_learner_arch import DegradationResNet, save_degradation_learner
+def tiny_root(tmp_path_factory):
     from dalpsr.archs.sd_components import build_tiny_sd
-    from dalpsr.models.deedsr_model import DeeDSRModel
     root = tmp_path_factory.mktemp('deedsr_export')
     build_tiny_sd(root / 'sd')
+    return root
+
+
+@pytest.fixture(scope='module')
+def tiny_export(tiny_root):
+    from dalpsr.archs.deedsr_learner_arch import DegradationResNet, save_degradation_learner
+    from dalpsr.models.deedsr_model import DeeDSRModel
+    root = tiny_root
     torch.manual_seed(0)
     save_degradation_learner(root / 'learner', DegradationResNet([1, 1, 1, 1], [4, 8, 8, 16], stem=4))
     m = DeeDSRModel({'seed': 0, 'model': {'type': 'DeeDSRModel', 'sd': {'pretrained': str(root / 'sd')},
@@ -78,3 +86,28 @@ def test_deedsr_restorer_refuses_cfg_and_missing_export(tmp_path, tiny_export):
         DeeDSR.check_options({'model': {'path': None}, 'sampler': {}}, 'x.yml')
     with pytest.raises(FileNotFoundError, match='deedsr.json'):
         build_restorer({'type': 'DeeDSR', 'model': {'path': str(tmp_path)}}, device='cpu')
+
+
+def test_tiny_recipes_train_and_restore(tmp_path, tiny_root):
+    """The commands of the tiny recipes' headers: stage 1, stage 2 (shortened), then the restorer
+    on the stage-2 export with test_deedsr_tiny.yml's sampler."""
+    import yaml
+
+    from dalpsr.restorers import build_restorer
+    from dalpsr.train import main
+    root = tmp_path / 'exp'
+    s1 = ['-opt', str(REPO / 'options/train/train_deedsr_stage1_tiny.yml'), '--set', f'path.experiments_root={root}',
+          '--set', 'train.total_iter=2', '--set', 'train.checkpoint_freq=2']
+    assert main(s1) == 0
+    assert (root / 'deedsr_stage1_tiny' / 'export' / 'degradation_learner.pth').is_file()
+    s2 = ['-opt', str(REPO / 'options/train/train_deedsr_stage2_tiny.yml'), '--set', f'path.experiments_root={root}',
+          '--set', f"model.learner={root / 'deedsr_stage1_tiny' / 'export'}",
+          '--set', f"model.sd.pretrained={tiny_root / 'sd'}", '--set', 'train.total_iter=2',
+          '--set', 'train.checkpoint_freq=2', '--set', 'train.val_freq=2', '--set', 'datasets.val.length=2']
+    assert main(s2) == 0
+    export = root / 'deedsr_stage2_tiny' / 'export'
+    opt = yaml.safe_load((REPO / 'options/test/test_deedsr_tiny.yml').read_text())
+    r = build_restorer({'type': 'DeeDSR', 'model': dict(opt['model'], path=str(export)), 'sampler': opt['sampler']},
+                       device='cpu')
+    out = r.restore(_lq(13, 21), seeds=[0])
+    assert out.shape == (1, 3, 52, 84) and r.last_stats['unet_calls'] == opt['sampler']['num_steps'] - 1

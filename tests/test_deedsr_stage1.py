@@ -160,3 +160,58 @@ def test_single_process_shuffle_unshuffles_keys():
     m.moco.encoder_k.train()
     plain = torch.nn.functional.normalize(m.moco.encoder_k(x), dim=1)
     assert not torch.allclose(m._keys(x, 0, 0), plain, atol=1e-4)
+
+
+def _shuffle_worker(rank, port, out_dir):
+    import torch.distributed as dist
+
+    from dalpsr.models.deedsr_moco_model import MoCoDegradationModel
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # identical key encoders on both ranks
+        m = MoCoDegradationModel({'seed': 1, 'model': {'type': 'MoCoDegradationModel',
+                                                       'network': dict(TINY_NET, bn_splits=1),
+                                                       'head_dim': 8, 'queue_size': 16}})
+        m.world = 2
+        g = torch.Generator().manual_seed(100 + rank)
+        x = torch.rand(4, 3, 8, 8, generator=g)
+        k = m._keys(x, 3, 1)
+        m._enqueue(k)
+        torch.save({'x': x, 'k': k, 'queue': m.moco.queue.clone(), 'ptr': int(m.moco.queue_ptr),
+                    'state': m.moco.encoder_k.state_dict()}, f'{out_dir}/rank{rank}.pth')
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shuffle_bn_across_processes(tmp_path):
+    """Two gloo processes: each key is computed with the BatchNorm statistics of a *shuffled*
+    slice of the global batch (permutation shared by the ranks), returned to its own row, and the
+    queue receives the keys of both ranks in rank order."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from dalpsr.models.deedsr_moco_model import MoCoDegradationModel
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_shuffle_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    r = [torch.load(tmp_path / f'rank{k}.pth') for k in (0, 1)]
+    torch.manual_seed(0)
+    m = MoCoDegradationModel({'seed': 1, 'model': {'type': 'MoCoDegradationModel', 'network': dict(TINY_NET, bn_splits=1),
+                                                   'head_dim': 8, 'queue_size': 16}})
+    enc = m.moco.encoder_k.train()
+    allx = torch.cat([r[0]['x'], r[1]['x']])
+    perm = m._perm(8, 3, 1)
+    with torch.no_grad():
+        shuffled = torch.cat([enc(allx[perm[:4]]), enc(allx[perm[4:]])])    # each "GPU" its own BN batch
+        expect = torch.nn.functional.normalize(shuffled[torch.argsort(perm)], dim=1)
+        plain = torch.nn.functional.normalize(torch.cat([enc(allx[:4]), enc(allx[4:])]), dim=1)
+    got = torch.cat([r[0]['k'], r[1]['k']])
+    assert torch.allclose(got, expect, atol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-3)                       # the shuffle changed the statistics
+    assert not torch.equal(perm, torch.arange(8))
+    for k in (0, 1):
+        assert r[k]['ptr'] == 8
+        assert torch.allclose(r[k]['queue'][:, :8].T, got, atol=1e-6)      # both ranks enqueue all 8 keys
