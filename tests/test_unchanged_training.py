@@ -1,5 +1,6 @@
 """Behaviour unchanged: the first training losses (and the validation metrics after them) of the
-tiny DaLPSR, IRPAD and caption-align recipes equal the values recorded on commit 3297236,
+tiny DaLPSR, IRPAD and caption-align recipes equal the values recorded on commit 3297236 with
+the issue-13 degradation fixes (4f0ea60, 737762d) cherry-picked,
 before the training loop was split into dalpsr/training/ (tests/data/unchanged_training.json,
 recorded with ``tests/unchanged_recipes.py``; the command is in its docstring).
 
