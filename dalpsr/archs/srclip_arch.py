@@ -152,8 +152,11 @@ class SRCLIP(nn.Module):
                 self.encode_text(tokens) if tokens is not None else None)
 
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The trained parts only (control tower, zero projections, fine head); the frozen CLIP
-        comes from ``model_name``/``pretrained`` when loading."""
+        """The trained parts (control tower, zero projections, fine head); the frozen CLIP comes
+        from ``model_name``/``pretrained`` when loading, so it is stored too only when it has no
+        such source (random weights: tests, tiny configs)."""
+        if not self.config['pretrained']:
+            return dict(self.state_dict())
         return {k: v for k, v in self.state_dict().items() if not k.startswith('clip.')}
 
 

@@ -101,7 +101,7 @@ def load_realdat(path: str, map_location='cpu'):
     from safetensors.torch import load_file
     from dalpsr.archs.dat_arch import DAT
     from dalpsr.archs.realdat_arch import RealDAT
-    folder = path if os.path.isdir(path) else os.path.dirname(path) or '.'
+    folder = os.path.dirname(path) or '.' if str(path).endswith(('.json', '.safetensors')) else str(path)
     cfg_path, w_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):

@@ -55,7 +55,7 @@ def load_srclip(path: str, map_location='cpu'):
     """``(encoder in eval mode, meta)`` from an export folder (or its srclip.json / .safetensors)."""
     from safetensors.torch import load_file
     from dalpsr.archs import build_network
-    folder = path if os.path.isdir(path) else os.path.dirname(path) or '.'
+    folder = os.path.dirname(path) or '.' if str(path).endswith(('.json', '.safetensors')) else str(path)
     cfg_path, w_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
