@@ -88,6 +88,12 @@ def test_tiny_realdat_trains_resumes_exactly_and_restores(tmp_path, srclip_dir):
     # export: self-contained (the encoder is copied in) and loads back
     net, enc, meta = load_realdat(str(full['export']))
     assert meta['arch'] == 'RealDAT' and enc is not None and (full['export'] / 'srclip' / 'srclip.json').is_file()
+    # the encoder copy leaves the text tower out (inference never uses it) and says so
+    import os
+    assert os.path.getsize(full['export'] / 'srclip' / 'srclip.safetensors') < \
+        0.5 * os.path.getsize(os.path.join(srclip_dir, 'srclip.safetensors'))
+    with pytest.raises(RuntimeError, match='image encoder only'):
+        enc.encode_text(torch.zeros(1, 40, dtype=torch.long))
     lq = torch.rand(2, 3, 11, 17)
     r = build_restorer({'type': 'RealDATRestorer', 'weights': str(full['export']), 'tile': 0})
     sr = r.restore(lq, seeds=[0, 1])
@@ -115,6 +121,51 @@ def test_unconditioned_baseline_is_plain_dat(tmp_path, srclip_dir):
         _run(bad)
     with pytest.raises(FileNotFoundError, match='realdat.safetensors'):
         build_restorer({'type': 'RealDATRestorer', 'weights': str(tmp_path / 'nothing')})
+
+
+def test_train_crop_is_aligned_and_step_seeded(srclip_dir, tmp_path):
+    from dalpsr.models.realdat_model import RealDATModel
+    opt = _opt(tmp_path, srclip_dir)
+    opt['model']['train_crop'] = 4
+    m = RealDATModel(opt)
+    gt = torch.rand(3, 3, 16, 16)
+    lq = F_down(gt)
+    a_lq, a_gt = m._crop(lq, gt, step=5)
+    b_lq, b_gt = m._crop(lq, gt, step=5)
+    c_lq, _ = m._crop(lq, gt, step=6)
+    assert a_lq.shape == (3, 3, 4, 4) and a_gt.shape == (3, 3, 8, 8)
+    assert torch.equal(a_lq, b_lq) and not torch.equal(a_lq, c_lq)
+    assert torch.allclose(F_down(a_gt), a_lq, atol=1e-6)   # the GT crop is the LR crop's HR
+
+
+def F_down(x):
+    import torch.nn.functional as F
+    return F.avg_pool2d(x, 2)
+
+
+def test_restore_folder_and_crop_figure(tmp_path, srclip_dir):
+    from dalpsr.utils.img_io import write_image
+    from tests.script_loader import load_script
+    lr, gt = tmp_path / 'LR', tmp_path / 'GT'
+    lr.mkdir()
+    gt.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ('a', 'b'):
+        write_image(gt / f'{name}.png', rng.random((32, 32, 3)).astype(np.float32))
+        write_image(lr / f'{name}.png', rng.random((8, 8, 3)).astype(np.float32))
+    (lr / 'broken.png').write_bytes(b'not an image')
+    rf = load_script('restore_folder')
+    out = tmp_path / 'bic'
+    assert rf.main(['--lr', str(lr), '--out', str(out), '--method', '{type: Bicubic, scale: 4}']) == 0
+    assert sorted(p.name for p in out.iterdir()) == ['a.png', 'b.png']   # the corrupt file is skipped
+    assert rf.main(['--lr', str(lr), '--out', str(out), '--method', 'not yaml: [']) == 2
+    fig = load_script('plot_sr_crops')
+    png = tmp_path / 'fig.png'
+    assert fig.main(['--lr', str(lr), '--gt', str(gt), '--sr', f'bicubic={out}', '--images', 'a', 'b',
+                     '--crop', '16', '--out', str(png)]) == 0
+    assert png.stat().st_size > 1000
+    assert fig.main(['--lr', str(lr), '--gt', str(gt), '--sr', f'bicubic={out}', '--images', 'zzz',
+                     '--out', str(png)]) == 2
 
 
 def test_tile_starts_and_psnr():

@@ -55,6 +55,12 @@ def build_open_clip(model_name: str = 'ViT-B-32', pretrained: Optional[str] = No
             f"open_clip_pytorch_model.bin) into pretrained_models/ and pass its path as pretrained") from None
 
 
+def _check_text(net) -> None:
+    if getattr(net, 'image_only', False):
+        raise RuntimeError('this SRCLIP copy holds the image encoder only (the one inside a RealDAT export); '
+                           'encode text with the full SRCLIP export')
+
+
 def _tokenizer(context_length: int):
     from open_clip.tokenizer import SimpleTokenizer
     return SimpleTokenizer(context_length=int(context_length))
@@ -138,6 +144,7 @@ class SRCLIP(nn.Module):
                 'fine': F.normalize(fine, dim=-1)}
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        _check_text(self)
         with torch.no_grad():
             return F.normalize(self.clip.encode_text(tokens), dim=-1)
 
@@ -212,6 +219,7 @@ class SRCLIPLite(nn.Module):
                 'fine': F.normalize(fine, dim=-1)}
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        _check_text(self)
         return F.normalize(self.text(tokens), dim=-1)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:

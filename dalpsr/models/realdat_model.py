@@ -11,14 +11,13 @@ paper: Adam lr 2e-4, betas (0.9, 0.99), multistep). ``validate``: PSNR on Y (Bas
 definition, ``crop_border``) of the val pairs, and of bicubic for reference.
 
 Export (``realdat.json`` + ``realdat.safetensors``, plus ``srclip/`` — a copy of the encoder
-export — when conditioned): a self-contained folder that
+export without its text tower, which inference never uses — when conditioned): a self-contained folder that
 :class:`dalpsr.restorers.realdat.RealDATRestorer` and :func:`load_realdat` read.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Dict, Optional
 
 import torch
@@ -88,11 +87,8 @@ def save_realdat(net, out_dir: str, srclip_dir: Optional[str] = None, extra: Opt
     if srclip_dir:
         dst = os.path.join(out_dir, 'srclip')
         if os.path.abspath(dst) != os.path.abspath(srclip_dir):
-            from dalpsr.models.srclip_model import CONFIG_NAME as SC, WEIGHTS_NAME as SW
-            os.makedirs(dst, exist_ok=True)
-            for name in (SC, SW):
-                with atomic_path(os.path.join(dst, name)) as tmp:
-                    shutil.copyfile(os.path.join(srclip_dir, name), tmp)
+            from dalpsr.models.srclip_model import copy_image_encoder
+            copy_image_encoder(srclip_dir, dst)
     atomic_write_json(os.path.join(out_dir, CONFIG_NAME), meta)
 
 
@@ -132,12 +128,13 @@ class RealDATModel(BaseModel):
           srclip: experiments/srclip_cpu/export    # SRCLIP export folder (conditioning: srclip)
           pixel_loss: {type: L1Loss, loss_weight: 1.0}
           crop_border: 2            # PSNR-Y at validation
+          train_crop: 0             # random aligned LR crop (px) of each training batch (0: as given)
           pretrained: null          # a RealDAT export folder to start from
 
     Batch keys: ``lq`` [B, 3, h, w], ``gt`` [B, 3, h*s, w*s] in [0, 1].
     """
 
-    KEYS = {'type', 'network', 'conditioning', 'srclip', 'pixel_loss', 'crop_border', 'pretrained'}
+    KEYS = {'type', 'network', 'conditioning', 'srclip', 'pixel_loss', 'crop_border', 'train_crop', 'pretrained'}
 
     def __init__(self, opt: Dict[str, Any], accelerator=None):
         super().__init__(opt, accelerator)
@@ -170,6 +167,10 @@ class RealDATModel(BaseModel):
         self.net.to(self.device)
         self.pixel_loss = build_loss(dict(mopt.get('pixel_loss') or {'type': 'L1Loss'}), where=f'model.pixel_loss in {src}')
         self.crop_border = int(mopt.get('crop_border', 2))
+        self.train_crop = int(mopt.get('train_crop', 0) or 0)
+        if self.train_crop < 0:
+            raise OptionError(f'model.train_crop in {src} must be >= 0 (0: no crop), got {self.train_crop}')
+        self.seed = int(opt.get('seed', 0) or 0)
 
     def trainable_modules(self):
         return {'net': self.net}
@@ -178,8 +179,23 @@ class RealDATModel(BaseModel):
         xi, xd = condition(self.encoder, lq)
         return net(lq, xi, xd) if xi is not None else net(lq)
 
+    def _crop(self, lq: torch.Tensor, gt: torch.Tensor, step: int):
+        """Random aligned crop of ``train_crop`` LR px per image, drawn from (seed, step) only."""
+        c = self.train_crop
+        h, w = lq.shape[-2:]
+        if c <= 0 or (h <= c and w <= c):
+            return lq, gt
+        s = gt.shape[-1] // w
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
+        ys = torch.randint(0, max(h - c, 0) + 1, (lq.shape[0],), generator=g).tolist()
+        xs = torch.randint(0, max(w - c, 0) + 1, (lq.shape[0],), generator=g).tolist()
+        lq = torch.stack([lq[i, :, y:y + c, x:x + c] for i, (y, x) in enumerate(zip(ys, xs))])
+        gt = torch.stack([gt[i, :, y * s:(y + c) * s, x * s:(x + c) * s] for i, (y, x) in enumerate(zip(ys, xs))])
+        return lq, gt
+
     def training_step(self, batch: Dict[str, Any], step: int) -> Dict[str, Any]:
-        lq, gt = batch['lq'].to(self.device), batch['gt'].to(self.device)
+        lq, gt = self._crop(batch['lq'], batch['gt'], step)
+        lq, gt = lq.to(self.device), gt.to(self.device)
         sr = self._sr(self.net, lq)
         loss = self.pixel_loss(sr, gt)
         return {'loss': loss}

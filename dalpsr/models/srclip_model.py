@@ -51,6 +51,29 @@ def save_srclip(net, out_dir: str, extra: Optional[Dict[str, Any]] = None) -> No
     atomic_write_json(os.path.join(out_dir, CONFIG_NAME), meta)
 
 
+def _text_keys(net_type: str):
+    """State-dict prefixes of the text side (not needed to encode images)."""
+    return ('text.',) if net_type == 'SRCLIPLite' else ('clip.transformer.', 'clip.token_embedding.',
+                                                       'clip.positional_embedding', 'clip.ln_final.',
+                                                       'clip.text_projection')
+
+
+def copy_image_encoder(src_dir: str, dst_dir: str) -> None:
+    """Copy an SRCLIP export without its text-tower tensors (``image_only: true`` in its config):
+    what RealDAT inference needs, a fraction of the size (the CPU text tower is mostly its
+    49,408-token embedding)."""
+    from safetensors.torch import load_file, save_file
+    from dalpsr.utils.misc import atomic_path, atomic_write_json
+    with open(os.path.join(src_dir, CONFIG_NAME), encoding='utf-8') as f:
+        meta = json.load(f)
+    drop = _text_keys(meta.get('type', ''))
+    state = {k: v for k, v in load_file(os.path.join(src_dir, WEIGHTS_NAME)).items() if not k.startswith(drop)}
+    os.makedirs(dst_dir, exist_ok=True)
+    with atomic_path(os.path.join(dst_dir, WEIGHTS_NAME)) as tmp:
+        save_file(state, str(tmp))
+    atomic_write_json(os.path.join(dst_dir, CONFIG_NAME), dict(meta, image_only=True))
+
+
 def load_srclip(path: str, map_location='cpu'):
     """``(encoder in eval mode, meta)`` from an export folder (or its srclip.json / .safetensors)."""
     from safetensors.torch import load_file
@@ -69,7 +92,11 @@ def load_srclip(path: str, map_location='cpu'):
     net = build_network(dict(meta['config'], type=meta['type']), where=cfg_path)
     state = load_file(w_path, device='cpu')
     missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith('clip.')] if meta['type'] == 'SRCLIP' else missing
+    if meta['type'] == 'SRCLIP' and meta['config'].get('pretrained'):
+        missing = [k for k in missing if not k.startswith('clip.')]
+    if meta.get('image_only'):  # a copy for inference: text tensors left out on purpose
+        missing = [k for k in missing if not k.startswith(_text_keys(meta['type']))]
+        net.image_only = True
     if missing or unexpected:
         raise ValueError(f'{w_path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})')
     for p in net.parameters():
