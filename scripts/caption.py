@@ -9,6 +9,11 @@ and retries failed ones (appending; the last line per key wins). A run with diff
 (models, instruction) refuses to mix them into an existing file unless ``--overwrite`` is given,
 which first archives the old file with a timestamp. A per-image failure (unreadable file, model
 error) is recorded in that image's line (``error``) and the run goes on.
+Several GPUs or machines: start the same command with ``accelerate launch`` (docs/scaling.md):
+process r of n captions every n-th batch into its own part file, the main process merges them
+into --out in the order one process would have written (same bytes whatever n) and folds part
+files left by a killed run (any n) into --out before resuming; ``--device auto`` then means the
+process's own GPU.
 Options may also come from a YAML file (``-opt``, keys = the long option names with underscores);
 command-line flags override it.
 """
@@ -99,9 +104,11 @@ def main(argv=None) -> int:
     from dalpsr.captioning.captions import file_sha1, make_record, read_caption_records
     from dalpsr.utils.img_io import ImageReadError, read_image
     from dalpsr.utils.misc import append_jsonl, get_time_str, resolve_device, scan_images
+    from dalpsr.utils.sharding import current_shard
 
+    shard = current_shard()  # rank 0 of 1 unless started by accelerate launch
     try:
-        device = resolve_device(args.device)
+        device = shard.device if (shard.device and args.device == 'auto') else resolve_device(args.device)
     except ValueError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
@@ -133,31 +140,45 @@ def main(argv=None) -> int:
         models['instruction_template'] = args.instruction
 
     out = Path(args.out)
-    done = set()
-    if out.exists():
-        old = read_caption_records(out)
-        ok = [r for r in old if r.get('error') is None]
-        mismatch = [r for r in ok if r.get('models') != models]
-        if mismatch:
-            if not args.overwrite:
-                print(f'error: {out} holds captions made with other settings ({mismatch[0].get("models")}); '
-                      'pass --overwrite to archive it and start again, or choose another --out', file=sys.stderr)
-                return 2
-            archived = out.with_name(f'{out.stem}_archived_{get_time_str()}{out.suffix}')
-            os.replace(out, archived)
-            print(f'archived {out} -> {archived}')
-        else:
-            done = {r['key'] for r in ok}
-    out.parent.mkdir(parents=True, exist_ok=True)
+    failure = None
+    if shard.is_main:  # check / archive the output and fold part files of a killed sharded run into it
+        try:
+            _merge_parts(out, shard, keys)
+            if out.exists():
+                ok = [r for r in read_caption_records(out) if r.get('error') is None]
+                mismatch = [r for r in ok if r.get('models') != models]
+                if mismatch and not args.overwrite:
+                    failure = (f'{out} holds captions made with other settings ({mismatch[0].get("models")}); '
+                               'pass --overwrite to archive it and start again, or choose another --out')
+                elif mismatch:
+                    archived = out.with_name(f'{out.stem}_archived_{get_time_str()}{out.suffix}')
+                    os.replace(out, archived)
+                    print(f'archived {out} -> {archived}')
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except (OSError, ValueError) as err:
+            failure = str(err)
+    shard.barrier()  # the other processes start once the output is checked (and archived)
+    try:
+        ok = [r for r in read_caption_records(out) if r.get('error') is None] if out.exists() else []
+    except ValueError as err:
+        failure = failure or str(err)
+    if failure is None and any(r.get('models') != models for r in ok):
+        failure = f'the main process refused {out} (see its message)'
+    if failure is not None:
+        print(f'error: {failure}', file=sys.stderr)
+        return 2
+    done = {r['key'] for r in ok}
 
     todo = [(k, p) for k, p in zip(keys, paths) if k not in done]
+    batches = shard.take([todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)])
+    part = shard.part_path(out)
     print(f'{len(paths)} images, {len(paths) - len(todo)} already captioned, {len(todo)} to do '
-          f'({args.captioner}, tagger {args.tagger}, device {device})')
+          f'({args.captioner}, tagger {args.tagger}, device {device})'
+          + (f'; process {shard.rank} of {shard.world_size}: {sum(map(len, batches))}' if shard.distributed else ''))
     n_ok = n_fail = 0
     t0 = time.time()
-    bar = tqdm(total=len(todo), unit='img', dynamic_ncols=True)
-    for i in range(0, len(todo), args.batch_size):
-        batch = todo[i:i + args.batch_size]
+    bar = tqdm(total=sum(map(len, batches)), unit='img', dynamic_ncols=True)
+    for batch in batches:
         ready, recs = [], []
         for k, p in batch:
             try:
@@ -176,7 +197,7 @@ def main(argv=None) -> int:
             else:
                 recs.append(make_record(k, p, sha, res['tags'], res['description'], models, res['instruction']))
         for r in recs:
-            append_jsonl(out, r)
+            append_jsonl(part, r)
             if r['error'] is None:
                 n_ok += 1
             else:
@@ -184,10 +205,39 @@ def main(argv=None) -> int:
                 tqdm.write(f"failed: {r['path']}: {r['error']}")
         bar.update(len(batch))
     bar.close()
+    if shard.distributed:
+        shard.barrier()  # every process has captioned its batches
+        if shard.is_main:
+            _merge_parts(out, shard, [k for k, _ in todo], args.batch_size)
     dt = time.time() - t0
     print(f'done: {n_ok} captioned, {n_fail} failed, {len(paths) - len(todo)} skipped in {dt:.1f} s '
           f'({dt / max(1, n_ok + n_fail):.2f} s/image) -> {out}')
     return 0
+
+
+def _merge_parts(out: Path, shard, keys: List[str], batch_size: int = 0) -> None:
+    """Append the records of the part files of ``out`` (dalpsr.utils.sharding) to ``out`` and remove
+    the parts. Records are ordered by the batch of their key in ``keys`` (``batch_size`` > 0: the
+    order one process writes; else key order), file order within a batch; a record already in
+    ``out`` verbatim (a merge interrupted after its rename) is not repeated. Atomic rewrite."""
+    import json
+
+    from dalpsr.captioning.captions import read_caption_records
+    from dalpsr.utils.misc import atomic_write_text
+    parts = shard.part_files(out)
+    if not parts:
+        return
+    rank = {k: (i // batch_size if batch_size else i) for i, k in enumerate(keys)}
+    old = read_caption_records(out) if out.exists() else []
+    seen = {json.dumps(r, sort_keys=True) for r in old}
+    new = [r for p in parts for r in read_caption_records(p)]
+    new = sorted((r for r in new if json.dumps(r, sort_keys=True) not in seen),
+                 key=lambda r: rank.get(r['key'], len(rank)))
+    text = ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in old + new)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, text)
+    for p in parts:
+        p.unlink()
 
 
 def _caption_batch(pipe, images: List) -> List:

@@ -13,6 +13,12 @@
 i % (number of images) and depends only on --seed and i (not on --workers). Running the same
 command again resumes (finished samples are kept); a non-empty --out that is not such a set is
 refused unless --overwrite (the old folder is archived with a timestamp, never deleted).
+Several processes, GPUs or machines: start the same command with ``accelerate launch``
+(docs/scaling.md); process r of n writes every n-th group of samples, the main process merges,
+and the set is the same bytes whatever n (and resumes with any n after a kill).
+Targets: gt/ holds the L1 target (degradation.l1_gt_usm, default true: the USM-sharpened crop,
+as x4plus); --testset writes the crop as read to GT/ (l1_gt_usm defaults to false there) while
+the LR is still made from the sharpened crop (gt_usm, default true).
 Degradation / prompt options: -opt FILE (YAML with degradation:, prompt:, small_image:,
 caption_file: blocks, see options/reference/data.yml) and/or --set degradation.jpeg_range=[60,95];
 or a training YAML with --block datasets.train (its dataset's degradation, prompt, small_image).
@@ -90,8 +96,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from dalpsr.data.triplet_writer import write_triplets
     from dalpsr.utils.options import OptionError
+    from dalpsr.utils.sharding import current_shard
+    shard = current_shard()  # rank 0 of 1 unless started by accelerate launch
     try:
         opt = load_opt(args.opt, args.set, args.block)
+        if args.testset:  # a test set's GT is the HR crop as read, not a sharpened training target
+            opt['degradation'].setdefault('l1_gt_usm', False)
         hr, meta_info = args.hr, None
         if os.path.isfile(args.hr) and not args.hr.lower().endswith(
                 ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')):
@@ -105,14 +115,14 @@ def main(argv=None) -> int:
             degradation=opt.get('degradation'), prompt=opt.get('prompt') or None,
             small_image=args.small_image or opt.get('small_image', 'pad'),
             caption_file=args.caption_file or opt.get('caption_file'), workers=args.workers,
-            threads=args.threads, overwrite=args.overwrite, progress=not args.no_progress)
+            threads=args.threads, overwrite=args.overwrite, progress=not args.no_progress, shard=shard)
     except (FileExistsError, FileNotFoundError, ValueError, RuntimeError, OptionError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print('interrupted: finished samples are kept; run the same command again to resume', file=sys.stderr)
         return 130
-    if not args.quiet:
+    if not args.quiet and shard.is_main:
         from dalpsr.data.triplet_dataset import summarize_triplets
         print(summarize_triplets(res['out_dir'], prompt=opt.get('prompt') or None))
         if res['skipped_inputs']:

@@ -75,7 +75,11 @@ def test_output_contract_and_determinism(photo):
     p = json.loads(json.dumps(a['params']))
     _, lq = d.apply(photo, p)
     np.testing.assert_array_equal(lq, a['lq'])
-    np.testing.assert_array_equal(a['gt'], photo)  # no USM by default
+    # x4plus defaults: the L1 / perceptual targets are the USM-sharpened GT, the GAN's real input is the GT as read
+    np.testing.assert_array_equal(a['gt'], usm_sharp(photo))
+    assert a['gt_percep'] is a['gt']
+    np.testing.assert_array_equal(a['gt_gan'], photo)
+    assert a['params']['gt_usm'] is True
 
 
 def test_registered_and_bad_options():

@@ -220,7 +220,7 @@ def test_each_hr_image_is_decoded_once_per_group(gen, tmp_path, monkeypatch, hr_
 
 _POOL_SCRIPT = r'''
 import cv2, numpy as np
-from dalpsr.data.triplet_writer import worker_pool
+from dalpsr.utils.workers import worker_pool
 
 def work(i):
     x = np.random.default_rng(i).random((256, 256, 3), dtype=np.float32)

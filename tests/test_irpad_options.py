@@ -41,7 +41,7 @@ def test_reference_documents_every_irpad_key():
 
 def test_reference_options_build_the_model_and_train_block():
     from dalpsr.models.irpad_model import IRPADModel
-    from dalpsr.train import resolve_train_opt
+    from dalpsr.training.options import resolve_train_opt
     from dalpsr.utils.options import load_options
     opt = load_options(str(REPO / 'options' / 'reference' / 'irpad.yml'))
     resolve_train_opt(opt)
@@ -63,7 +63,8 @@ def test_paper_config_builds_with_local_stand_ins(tmp_path, tiny_clip):
     the network."""
     from dalpsr.data.sample_images import link_sample_images
     from dalpsr.models.irpad_model import IRPADModel
-    from dalpsr.train import _build_dataset, resolve_train_opt
+    from dalpsr.training.options import resolve_train_opt
+    from dalpsr.training.state import build_dataset_for as _build_dataset
     from dalpsr.utils.options import load_options
     path = REPO / 'options' / 'train' / 'train_irpad.yml'
     raw = load_options(str(path))
@@ -109,7 +110,8 @@ def test_paper_config_builds_with_local_stand_ins(tmp_path, tiny_clip):
 def test_cpu_recipe_builds(tmp_path):
     from dalpsr.data.lr_cache import build_lr_cache
     from dalpsr.models.irpad_model import IRPADModel
-    from dalpsr.train import _build_dataset, resolve_train_opt
+    from dalpsr.training.options import resolve_train_opt
+    from dalpsr.training.state import build_dataset_for as _build_dataset
     from dalpsr.utils.options import load_options
     cache = str(tmp_path / 'c.npz')
     build_lr_cache(cache, 'sample:val', num_samples=2, gt_size=64, seed=0, progress=False,

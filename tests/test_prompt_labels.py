@@ -5,9 +5,9 @@ import itertools
 import numpy as np
 import pytest
 
+from dalpsr.data.calibration import calibrate
 from dalpsr.data.degradations import RealESRGANDegradation
-from dalpsr.data.prompt_labels import (CALIBRATION, DEGREE_TYPES, PromptSpec, calibrate, degrees, interval_index,
-                                       severity)
+from dalpsr.data.prompt_labels import CALIBRATION, DEGREE_TYPES, PromptSpec, degrees, interval_index, severity
 
 
 @pytest.fixture(scope='module')
@@ -197,7 +197,7 @@ def test_measured_noise_labels(photo_crop):
 
 def test_measured_noise_calibration_is_current():
     """CALIBRATION['noise_measured'] comes from calibrate_measured_noise(); a fresh small run agrees."""
-    from dalpsr.data.prompt_labels import calibrate_measured_noise
+    from dalpsr.data.calibration import calibrate_measured_noise
     knots = np.asarray(CALIBRATION['noise_measured'])
     assert len(knots) == 21 and np.all(np.diff(knots) > 0)
     fresh = calibrate_measured_noise(n=400, seed=5, workers=1)

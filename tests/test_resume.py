@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from dalpsr.train import list_checkpoints, train
+from dalpsr.train import train
+from dalpsr.training.folder import list_checkpoints
 from tests.toy_plugin import toy_options
 
 

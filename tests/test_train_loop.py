@@ -4,15 +4,20 @@ experiment-folder rules, signals."""
 import copy
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
+import yaml
 
-from dalpsr.train import main, plan_experiment, train
+from dalpsr.train import main, train
+from dalpsr.training.folder import plan_experiment
 from dalpsr.utils.ema import ModelEMA
 from dalpsr.utils.optim import build_optimizer, build_scheduler, lr_factor
 from dalpsr.utils.options import OptionError
-from tests.toy_plugin import toy_options
+from dalpsr.utils.registry import MODEL_REGISTRY
+from tests.toy_plugin import ToyModel, toy_options
 
 
 def _run(opt, **args):
@@ -192,6 +197,69 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
     assert (tmp_path / 'toy' / 'checkpoints' / 'checkpoint-4').is_dir() and res['export'] is None
     res = _run(opt)  # the same options resume (the signal step lies behind)
     assert res['step'] == 10 and len(res['losses']) == 6
+
+
+@MODEL_REGISTRY.register()
+class SigintToyModel(ToyModel):
+    """ToyModel that sends itself SIGINT (Ctrl-C) ``sigints`` times during step ``sigint_at``."""
+
+    KEYS = ToyModel.KEYS | {'sigint_at', 'sigints'}
+
+    def __init__(self, opt, accelerator=None):
+        super().__init__(opt, accelerator)
+        self.sigint_at, self.sigints = int(opt['model']['sigint_at']), int(opt['model'].get('sigints', 1))
+
+    def training_step(self, batch, step):
+        if step == self.sigint_at:
+            for _ in range(self.sigints):
+                os.kill(os.getpid(), signal.SIGINT)
+        return super().training_step(batch, step)
+
+
+def test_sigint_checkpoints_and_stops_as_train_py_says(tmp_path, capsys):
+    """Ctrl-C (SIGINT): the step in flight finishes, a checkpoint is written, the command exits
+    with 130 and the same command resumes; a second Ctrl-C stops at once without a checkpoint;
+    the previous SIGINT handler is back afterwards; handle_signals: false leaves Ctrl-C alone."""
+    before = signal.getsignal(signal.SIGINT)
+    try:  # Python's own handler, as in a terminal (a background shell starts Python with SIGINT ignored)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _sigint_cases(tmp_path, capsys)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _sigint_cases(tmp_path, capsys):
+    before = signal.getsignal(signal.SIGINT)
+    opt = toy_options(tmp_path, total_iter=10)
+    opt['model'].update(type='SigintToyModel', sigint_at=3)
+    opt.pop('_source')
+    f = tmp_path / 'sigint.yml'
+    f.write_text(yaml.safe_dump(opt))
+    assert main(['-opt', str(f)]) == 130
+    assert signal.getsignal(signal.SIGINT) is before
+    exp = tmp_path / 'toy'
+    assert [p.name for p in (exp / 'checkpoints').iterdir()] == ['checkpoint-4'] and not (exp / 'export').exists()
+    log = (exp / 'train.log').read_text()
+    assert 'SIGINT received' in log and 'stop requested by SIGINT: checkpoint written at step 4' in log
+    res = _run(opt)  # the same options resume (the signal step lies behind)
+    assert res['step'] == 10 and len(res['losses']) == 6 and res['stopped_by'] is None
+    # twice: KeyboardInterrupt at once, no checkpoint of that step, the handler restored
+    opt2 = toy_options(tmp_path, name='twice', total_iter=10)
+    opt2['model'].update(type='SigintToyModel', sigint_at=2, sigints=2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(opt2)
+    assert not list((tmp_path / 'twice' / 'checkpoints').iterdir())
+    assert signal.getsignal(signal.SIGINT) is before
+    # off: the loop leaves SIGINT to Python's own handler
+    opt3 = toy_options(tmp_path, name='off', total_iter=10, handle_signals=False)
+    opt3['model'].update(type='SigintToyModel', sigint_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(opt3)
+    # a process started with SIGINT ignored (a background job of a script) keeps ignoring it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    res = _run(dict(opt3, name='ignored', train=dict(opt3['train'], handle_signals=True)))
+    assert res['step'] == 10 and res['stopped_by'] is None
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_bad_options_fail_clearly(tmp_path, capsys):

@@ -1,10 +1,12 @@
 """RAM (Recognize Anything Model) image tagger, written for dalpsr.
 
-The network reproduces the module layout of the official ``ram_swin_large_14m.pth`` so that
-checkpoint loads without renaming (see ``ram_layout.json`` next to this file for the recorded
-key names/shapes and where they were read from):
+The network reproduces the module layout of the official ``ram_swin_large_14m.pth``, so that
+checkpoint loads strictly (see ``ram_layout.json`` next to this file for the recorded key
+names/shapes and where they were read from); the only renames are the official loader's
+``vision_multi`` -> ``tagging_head`` and timm's place of Swin's patch merging
+(:func:`official_to_model_key`):
 
-- ``visual_encoder``: a Swin transformer (Swin-L 384: embed 192, depths 2-2-18-2, heads
+- ``visual_encoder``: timm's Swin transformer (Swin-L 384: embed 192, depths 2-2-18-2, heads
   6-12-24-48, window 12) returning ``[B, 1 + L, C]`` (a mean-pooled token, then the L patch tokens).
 - ``image_proj``: ``C -> 512``.
 - ``label_embed`` ``[num_classes, 512]`` -> ``relu(wordvec_proj(.))`` ``[num_classes, 768]``: one
@@ -26,11 +28,13 @@ non-default architecture kwargs (used by tiny test models); without it the Swin-
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from torch import nn
 
 from dalpsr.utils.registry import ARCH_REGISTRY
@@ -49,164 +53,51 @@ _BUFFER_SUFFIXES = ('relative_position_index', 'attn_mask', 'embeddings.position
 
 
 # ------------------------------------------------------------------------------------------
-# Swin transformer
+# Swin transformer (timm's), in the layout of the original Swin code that RAM uses
 # ------------------------------------------------------------------------------------------
-def _windows(x: torch.Tensor, w: int) -> torch.Tensor:
-    """[B, H, W, C] -> [B * H/w * W/w, w*w, C]."""
-    b, h, wd, c = x.shape
-    x = x.view(b, h // w, w, wd // w, w, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, w * w, c)
+#: Original Swin code (RAM's checkpoint) merges patches at the *end* of stage i; timm at the
+#: *start* of stage i + 1. Every other parameter has the same name and shape.
+_OFFICIAL_DOWNSAMPLE = re.compile(r'^visual_encoder\.layers\.(\d+)\.downsample\.')
 
 
-def _unwindows(x: torch.Tensor, w: int, h: int, wd: int) -> torch.Tensor:
-    """Inverse of :func:`_windows`: [B * nW, w*w, C] -> [B, H, W, C]."""
-    c = x.shape[-1]
-    b = x.shape[0] // ((h // w) * (wd // w))
-    x = x.view(b, h // w, wd // w, w, w, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h, wd, c)
+def official_to_model_key(key: str) -> str:
+    """Key of the official checkpoint -> key of :class:`RAMTagger` (``vision_multi.`` ->
+    ``tagging_head.``; ``visual_encoder.layers.i.downsample`` -> ``layers.(i+1).downsample``)."""
+    if key.startswith('vision_multi.'):
+        key = 'tagging_head.' + key[len('vision_multi.'):]
+    return _OFFICIAL_DOWNSAMPLE.sub(lambda m: f'visual_encoder.layers.{int(m.group(1)) + 1}.downsample.', key)
 
 
-class _Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+def model_to_official_key(key: str) -> str:
+    """Inverse of :func:`official_to_model_key` (``tagging_head.`` stays, as the official file has it)."""
+    return _OFFICIAL_DOWNSAMPLE.sub(lambda m: f'visual_encoder.layers.{int(m.group(1)) - 1}.downsample.', key)
 
 
-class _WindowAttention(nn.Module):
-    """Multi-head self-attention inside w x w windows with a learned relative position bias."""
+class SwinEncoder(SwinTransformer):
+    """Swin image encoder (timm's ``SwinTransformer``, no head):
+    ``[B, 3, S, S]`` normalised -> ``[B, 1 + (S / (patch * 2^(stages-1)))^2, C_last]`` (the
+    mean-pooled token first, then the patch tokens).
 
-    def __init__(self, dim: int, window: int, heads: int):
-        super().__init__()
-        self.window, self.heads = window, heads
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
-        self.register_buffer('relative_position_index', relative_position_index(window))
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """x: [B*nW, N, C]; mask: [nW, N, N] additive (0 / -100) or None."""
-        bn, n, c = x.shape
-        q, k, v = self.qkv(x).view(bn, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        bias = bias.view(n, n, self.heads).permute(2, 0, 1).unsqueeze(0).to(q.dtype)  # [1, h, N, N]
-        if mask is not None:
-            nw = mask.shape[0]
-            bias = (bias.unsqueeze(1) + mask.to(q.dtype)[None, :, None]).expand(bn // nw, -1, -1, -1, -1)
-            bias = bias.reshape(bn, self.heads, n, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(out.transpose(1, 2).reshape(bn, n, c))
-
-
-def relative_position_index(window: int) -> torch.Tensor:
-    """[w*w, w*w] int64 index into the (2w-1)^2 bias table (Swin's definition)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing='ij')).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
-    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
-
-
-def shifted_window_mask(res: int, window: int, shift: int) -> torch.Tensor:
-    """[nW, w*w, w*w] additive mask (0 within a region, -100 across) for a cyclic shift."""
-    img = torch.zeros(1, res, res, 1)
-    cnt = 0
-    for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-        for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-            img[:, hs, ws, :] = cnt
-            cnt += 1
-    win = _windows(img, window).squeeze(-1)  # [nW, w*w]
-    diff = win.unsqueeze(1) - win.unsqueeze(2)
-    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
-
-
-class _SwinBlock(nn.Module):
-    def __init__(self, dim: int, res: int, heads: int, window: int, shift: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        if res <= window:  # a single window covers the map: no partition, no shift
-            window, shift = res, 0
-        self.res, self.window, self.shift = res, window, shift
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = _WindowAttention(dim, window, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = _Mlp(dim, int(dim * mlp_ratio))
-        self.register_buffer('attn_mask', shifted_window_mask(res, window, shift) if shift > 0 else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        h = self.norm1(x).view(b, self.res, self.res, c)
-        if self.shift:
-            h = torch.roll(h, (-self.shift, -self.shift), dims=(1, 2))
-        h = self.attn(_windows(h, self.window), self.attn_mask)
-        h = _unwindows(h, self.window, self.res, self.res)
-        if self.shift:
-            h = torch.roll(h, (self.shift, self.shift), dims=(1, 2))
-        x = x + h.reshape(b, n, c)
-        return x + self.mlp(self.norm2(x))
-
-
-class _PatchMerging(nn.Module):
-    def __init__(self, dim: int, res: int):
-        super().__init__()
-        self.res = res
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-        self.norm = nn.LayerNorm(4 * dim)
-
-    def forward(self, x):
-        b, _, c = x.shape
-        x = x.view(b, self.res, self.res, c)
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
-        return self.reduction(self.norm(x.view(b, -1, 4 * c)))
-
-
-class _SwinStage(nn.Module):
-    def __init__(self, dim, res, depth, heads, window, downsample: bool):
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            [_SwinBlock(dim, res, heads, window, 0 if i % 2 == 0 else window // 2) for i in range(depth)])
-        self.downsample = _PatchMerging(dim, res) if downsample else None
-
-    def forward(self, x):
-        for blk in self.blocks:
-            x = blk(x)
-        return self.downsample(x) if self.downsample is not None else x
-
-
-class _PatchEmbed(nn.Module):
-    def __init__(self, image_size: int, patch: int, dim: int):
-        super().__init__()
-        self.image_size = image_size
-        self.proj = nn.Conv2d(3, dim, patch, patch)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x):
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f'RAM expects {self.image_size}x{self.image_size} input, got {tuple(x.shape[-2:])}')
-        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
-
-
-class SwinEncoder(nn.Module):
-    """Swin image encoder: [B,3,S,S] normalised -> [B, 1 + (S / (patch * 2^(stages-1)))^2, C_last] (pooled token first)."""
+    Attention runs through ``F.scaled_dot_product_attention`` (timm's fused path), as RAM's own
+    Swin code computes it up to rounding; drop path is off (RAM is used for inference only).
+    Relative position indices and shifted-window masks are timm's non-persistent buffers: the
+    official checkpoint's copies are compared against them in :func:`prepare_state_dict`.
+    """
 
     def __init__(self, image_size=384, patch_size=4, embed_dim=192, depths=(2, 2, 18, 2),
                  num_heads=(6, 12, 24, 48), window_size=12):
-        super().__init__()
-        self.patch_embed = _PatchEmbed(image_size, patch_size, embed_dim)
-        res = image_size // patch_size
-        self.layers = nn.ModuleList()
-        for i, (d, h) in enumerate(zip(depths, num_heads)):
-            self.layers.append(_SwinStage(embed_dim * 2 ** i, res // 2 ** i, d, h, window_size,
-                                          downsample=i < len(depths) - 1))
-        self.num_features = embed_dim * 2 ** (len(depths) - 1)
-        self.norm = nn.LayerNorm(self.num_features)
+        super().__init__(img_size=image_size, patch_size=patch_size, embed_dim=embed_dim, depths=tuple(depths),
+                         num_heads=tuple(num_heads), window_size=window_size, num_classes=0, global_pool='',
+                         drop_path_rate=0.0)
+        self.image_size = image_size
+        for m in self.modules():
+            if isinstance(m, WindowAttention):
+                m.fused_attn = True
 
-    def forward(self, x):
-        x = self.patch_embed(x)
-        for layer in self.layers:
-            x = layer(x)
-        x = self.norm(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f'RAM expects {self.image_size}x{self.image_size} input, got {tuple(x.shape[-2:])}')
+        x = self.forward_features(x).flatten(1, 2)  # NHWC -> [B, L, C]
         return torch.cat([x.mean(1, keepdim=True), x], dim=1)
 
 
@@ -289,7 +180,7 @@ class _BertEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(vocab, hidden, padding_idx=0)
         self.position_embeddings = nn.Embedding(positions, hidden)
         self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
-        self.register_buffer('position_ids', torch.arange(positions).unsqueeze(0))
+        self.register_buffer('position_ids', torch.arange(positions).unsqueeze(0), persistent=False)
 
 
 class _BertModel(nn.Module):
@@ -477,33 +368,42 @@ def _torch_load(path: Path):
     raise RuntimeError(f'cannot read RAM checkpoint {path}: {errors[-1]}')
 
 
-def prepare_state_dict(model: RAMTagger, raw: Dict[str, torch.Tensor], source: str = '') -> Dict[str, torch.Tensor]:
-    """Map an official RAM state dict onto ``model`` strictly.
+def official_state_dict(model: RAMTagger) -> Dict[str, torch.Tensor]:
+    """``model``'s tensors under the official checkpoint's key names, buffers included (the
+    official file stores ``relative_position_index``, ``attn_mask`` and ``position_ids``)."""
+    out = {model_to_official_key(k): v for k, v in model.state_dict().items()}
+    for k, v in model.named_buffers():
+        if k.endswith(_BUFFER_SUFFIXES):
+            out[model_to_official_key(k)] = v
+    return out
 
-    - ``vision_multi.*`` is renamed to ``tagging_head.*`` (as the official loader does);
+
+def prepare_state_dict(model: RAMTagger, raw: Dict[str, torch.Tensor], source: str = '') -> Dict[str, torch.Tensor]:
+    """Map an official RAM state dict onto ``model`` strictly; returns ``model``'s state dict.
+
+    - keys are renamed by :func:`official_to_model_key` (``vision_multi.*`` -> ``tagging_head.*``
+      as the official loader does; patch merging moves to the start of the next Swin stage);
     - rebuilt buffers (``relative_position_index``, ``attn_mask``, ``position_ids``) must equal the
       model's own (a different window/size would show here) and are then dropped;
     - without ``caption_branch`` the ``tag_encoder.*`` / ``text_decoder.*`` keys are dropped;
     - every other key must exist in the model with the same shape and every model key must be
-      present: otherwise a ``RuntimeError`` lists the offending keys.
+      present: otherwise a ``RuntimeError`` lists the offending keys (official names).
     """
-    sd = {}
-    for k, v in raw.items():
-        if k.startswith('vision_multi.'):
-            k = 'tagging_head.' + k[len('vision_multi.'):]
-        sd[k] = v
+    sd = {official_to_model_key(k): v for k, v in raw.items()}
     own = model.state_dict()
+    buffers = dict(model.named_buffers())
     bad_buffers = []
     for k in list(sd):
         if k.endswith(_BUFFER_SUFFIXES):
-            if k in own and (own[k].shape != sd[k].shape or not torch.equal(own[k].to(sd[k].dtype), sd[k])):
+            b = buffers.get(k)
+            if b is not None and (b.shape != sd[k].shape or not torch.equal(b.to(sd[k].dtype), sd[k])):
                 bad_buffers.append(k)
             sd.pop(k)
     if not model.config['caption_branch']:
         for k in list(sd):
             if k.startswith(('tag_encoder.', 'text_decoder.')):
                 sd.pop(k)
-    expected = {k for k in own if not k.endswith(_BUFFER_SUFFIXES)}
+    expected = set(own)
     missing = sorted(expected - set(sd))
     unexpected = sorted(set(sd) - expected)
     shape = sorted(k for k in expected & set(sd) if tuple(sd[k].shape) != tuple(own[k].shape))
@@ -512,6 +412,7 @@ def prepare_state_dict(model: RAMTagger, raw: Dict[str, torch.Tensor], source: s
         for name, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', shape),
                            ('buffer mismatch', bad_buffers)):
             if keys:
+                keys = [model_to_official_key(k) for k in keys]
                 parts.append(f"{name}: {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
         raise RuntimeError(f"RAM checkpoint {source} does not match the architecture: " + '; '.join(parts))
     return sd
@@ -535,8 +436,7 @@ def load_ram_tagger(path: str = DEFAULT_DIR, device='cpu', dtype=torch.float32, 
         model = RAMTagger(**cfg)
     model = model.to_empty(device='cpu')
     _reset_buffers(model)
-    sd = prepare_state_dict(model, raw, str(files['checkpoint']))
-    model.load_state_dict(sd, strict=False)  # strictness enforced above (buffers are rebuilt)
+    model.load_state_dict(prepare_state_dict(model, raw, str(files['checkpoint'])), strict=True)
     tags, thr = read_tag_files(files['tag_list'], files['thresholds'], model.num_classes)
     return model.to(device=device, dtype=dtype).eval(), tags, thr
 
@@ -544,22 +444,20 @@ def load_ram_tagger(path: str = DEFAULT_DIR, device='cpu', dtype=torch.float32, 
 def _reset_buffers(model: RAMTagger) -> None:
     """Recompute the deterministic buffers after ``to_empty`` (meta construction leaves them empty)."""
     for m in model.modules():
-        if isinstance(m, _WindowAttention):
-            m.relative_position_index = relative_position_index(m.window)
-        elif isinstance(m, _SwinBlock) and m.shift:
-            m.attn_mask = shifted_window_mask(m.res, m.window, m.shift)
+        if hasattr(m, 'init_non_persistent_buffers'):  # timm's Swin blocks and window attention
+            m.init_non_persistent_buffers()
         elif isinstance(m, _BertEmbeddings):
             m.position_ids = torch.arange(m.position_embeddings.num_embeddings).unsqueeze(0)
 
 
 def save_ram_checkpoint(model: RAMTagger, out_dir: str, tags: Sequence[str], thresholds: Sequence[float]) -> Path:
-    """Write ``out_dir`` in the official layout: ``{'model': state_dict}`` .pth + tag/threshold files
-    (+ ``ram_config.json`` with the architecture kwargs). Used for tiny test models."""
+    """Write ``out_dir`` in the official layout: ``{'model': official_state_dict(model)}`` .pth +
+    tag/threshold files (+ ``ram_config.json`` with the architecture kwargs). Used for tiny test models."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     from dalpsr.utils.misc import atomic_path, atomic_write_json, atomic_write_text
     with atomic_path(out / CHECKPOINT_NAME) as tmp:
-        torch.save({'model': model.state_dict()}, tmp)
+        torch.save({'model': official_state_dict(model)}, tmp)
     atomic_write_text(out / TAG_LIST_NAME, '\n'.join(tags) + '\n')
     atomic_write_text(out / THRESHOLD_NAME, '\n'.join(f'{float(t):.4f}' for t in thresholds) + '\n')
     atomic_write_json(out / CONFIG_NAME, model.config)

@@ -4,12 +4,16 @@
 Real-ESRGAN (``RealESRNetModel.feed_data`` order) and the parameters of
 ``train_realesrnet_x4plus.yml`` as defaults (every value is an overridable keyword)::
 
-    [USM sharpen GT]  (optional, ``gt_usm``; the LR is then made from the sharpened GT)
+    [USM sharpen GT]  (``gt_usm``, default on as in x4plus: the LR is made from the sharpened GT)
     order 1:  blur k1 (prob blur_prob) -> resize up/down/keep (x r1) -> noise -> JPEG
     order 2:  blur k2 (prob second_blur_prob) -> resize to (H/scale*r2, W/scale*r2) -> noise
     final  :  either [resize to H/scale + sinc (prob final_sinc_prob)] -> JPEG
               or     JPEG -> [resize to H/scale + sinc]            (50/50, final_order_prob)
     LR = round(clip(out) * 255) / 255
+
+Training targets follow Real-ESRGAN's ``RealESRGANModel``: ``l1_gt_usm`` / ``percep_gt_usm`` /
+``gan_gt_usm`` choose, per loss, the sharpened GT or the GT as read (x4plus: true / true / false);
+``__call__`` returns them as ``gt`` (the L1 / main-loss target), ``gt_percep`` and ``gt_gan``.
 
 The work is split in two so that degradation *degrees* can be computed from parameters alone:
 
@@ -27,14 +31,15 @@ The work is split in two so that degradation *degrees* can be computed from para
 Differences from the reference implementation (documented in docs/degradation.md):
 images are processed one at a time with ``cv2.filter2D`` (reflect-101 border, identical to
 basicsr's ``filter2D``), kernels are used at their sampled size instead of zero-padded to 21
-(same result), resizing uses ``cv2.resize`` (area / bilinear / bicubic, no antialias, as
-``F.interpolate``), and JPEG is OpenCV's libjpeg with an integer quality (basicsr's DiffJPEG
+(same result), resizing *is* ``torch.nn.functional.interpolate`` (the reference's own op, called
+on one CPU image; the first-order resize passes ``scale_factor`` as feed_data does), the GT is
+sharpened per crop (Real-ESRGAN sharpens the 400 px patch before its crop), and JPEG is OpenCV's libjpeg with an integer quality (basicsr's DiffJPEG
 takes a float quality; its numpy helper crashes on floats).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -43,7 +48,6 @@ from dalpsr.utils.registry import TRANSFORM_REGISTRY
 
 KERNEL_TYPES = ('iso', 'aniso', 'generalized_iso', 'generalized_aniso', 'plateau_iso', 'plateau_aniso')
 RESIZE_MODES = ('area', 'bilinear', 'bicubic')
-_CV2_INTERP = {'area': cv2.INTER_AREA, 'bilinear': cv2.INTER_LINEAR, 'bicubic': cv2.INTER_CUBIC}
 #: Luma weights (ITU-R 601, as torchvision ``rgb_to_grayscale``) for gray noise.
 _GRAY_W = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -119,11 +123,26 @@ def _filter(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return cv2.filter2D(img, -1, kernel.astype(np.float32), borderType=cv2.BORDER_REFLECT_101)
 
 
-def _resize(img: np.ndarray, h: int, w: int, mode: str) -> np.ndarray:
+def _resize(img: np.ndarray, h: int, w: int, mode: str, scale_factor: Optional[float] = None) -> np.ndarray:
+    """``torch.nn.functional.interpolate`` (what Real-ESRGAN's ``feed_data`` calls) on one HxWxC
+    image: ``area`` is adaptive average pooling (integer windows, not OpenCV's fractional-area
+    weights), ``bilinear`` / ``bicubic`` use half-pixel centres without antialias (bicubic
+    A = -0.75). With ``scale_factor`` (the first-order resize, ``F.interpolate(scale_factor=s)``)
+    source coordinates are ``(x + 0.5) / s - 0.5`` as torch computes them, not the in/out size
+    ratio; the output size is then ``floor(H * s)`` (``h``, ``w``). Same size, no factor: returned as is."""
     h, w = max(1, int(h)), max(1, int(w))
-    if img.shape[0] == h and img.shape[1] == w:
-        return img
-    return cv2.resize(img, (w, h), interpolation=_CV2_INTERP[mode])
+    if img.shape[0] == h and img.shape[1] == w and scale_factor in (None, 1.0):
+        return img  # (a factor like 1.003 keeps the size but still moves bicubic samples, as in torch)
+    import torch
+    import torch.nn.functional as F
+    t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
+    with torch.no_grad():
+        if scale_factor is not None and math.floor(img.shape[0] * scale_factor) == h \
+                and math.floor(img.shape[1] * scale_factor) == w:
+            out = F.interpolate(t, scale_factor=float(scale_factor), mode=mode)
+        else:  # a size-based resize, or a factor that would give an empty image (clamped to 1 pixel)
+            out = F.interpolate(t, size=(h, w), mode=mode)
+    return np.ascontiguousarray(out[0].numpy().transpose(1, 2, 0))
 
 
 def _add_noise(img: np.ndarray, noise: Dict[str, Any], rng: np.random.Generator) -> np.ndarray:
@@ -187,14 +206,21 @@ class RealESRGANDegradation:
     (omega) in radians per pixel, JPEG qualities are integers drawn uniformly from the range.
 
     ``__call__(gt, rng)``: gt HxWx3 float32 RGB in [0, 1] (H, W >= 2*scale; cropped at the
-    bottom/right to a multiple of ``scale``) -> ``dict(gt=HxWx3, lq=(H/scale)x(W/scale)x3 float32
-    in [0, 1] on the 8-bit grid, params=dict)``. Deterministic given ``rng``.
+    bottom/right to a multiple of ``scale``) -> ``dict(gt, gt_percep, gt_gan (HxWx3: the targets
+    of the L1 / perceptual / GAN losses, each the USM-sharpened GT or the GT as read per
+    ``l1_gt_usm`` / ``percep_gt_usm`` / ``gan_gt_usm``; shared arrays), lq=(H/scale)x(W/scale)x3
+    float32 in [0, 1] on the 8-bit grid, params=dict)``. Deterministic given ``rng``.
+
+    ``gt_usm``: the LR is made from the USM-sharpened GT (Real-ESRGAN: always in
+    ``RealESRGANModel``, ``gt_usm: True`` in train_realesrnet_x4plus.yml). USM is basicsr's
+    ``USMSharp`` (``usm_weight``, ``usm_radius``, ``usm_threshold``).
 
     ``measure_noise``: also record ``params['measured']['noise_rms']`` (module doc; the chain
     after the first resize is rendered twice, ~+30 % time).
     """
 
-    def __init__(self, scale: int = 4, gt_usm: bool = False, usm_weight: float = 0.5, usm_radius: int = 50,
+    def __init__(self, scale: int = 4, gt_usm: bool = True, l1_gt_usm: bool = True, percep_gt_usm: bool = True,
+                 gan_gt_usm: bool = False, usm_weight: float = 0.5, usm_radius: int = 50,
                  usm_threshold: float = 10.0, kernel_range: Sequence[int] = (7, 21),
                  # first order
                  blur_prob: float = 1.0, kernel_list: Sequence[str] = KERNEL_TYPES,
@@ -246,7 +272,16 @@ class RealESRGANDegradation:
         if int(scale) < 1:
             raise ValueError(f"degradation option 'scale' must be a positive integer, got {scale}")
         self.scale = int(scale)
+        for name, v in (('gt_usm', gt_usm), ('l1_gt_usm', l1_gt_usm), ('percep_gt_usm', percep_gt_usm),
+                        ('gan_gt_usm', gan_gt_usm)):
+            if not isinstance(v, (bool, np.bool_)):
+                raise ValueError(f"degradation option '{name}' must be true or false, got {v!r}")
         self.gt_usm = bool(gt_usm)
+        #: which GT each loss trains against: True = the USM-sharpened GT, False = the GT as read
+        self.target_usm = {'l1': bool(l1_gt_usm), 'percep': bool(percep_gt_usm), 'gan': bool(gan_gt_usm)}
+        if int(usm_radius) < 1 or float(usm_weight) < 0:
+            raise ValueError(f"degradation options 'usm_radius' (>= 1) / 'usm_weight' (>= 0) out of range: "
+                             f"{usm_radius}, {usm_weight}")
         self.usm_weight, self.usm_radius, self.usm_threshold = float(usm_weight), int(usm_radius), float(usm_threshold)
         kr = [int(x) for x in kernel_range]
         if len(kr) != 2 or kr[0] < 1 or kr[0] > kr[1] or kr[0] % 2 == 0 or kr[1] % 2 == 0:
@@ -353,36 +388,52 @@ class RealESRGANDegradation:
         return p
 
     # ---------------------------------------------------------------- applying
+    def sharpen(self, gt: np.ndarray) -> np.ndarray:
+        """The USM-sharpened GT (``usm_weight`` / ``usm_radius`` / ``usm_threshold``), HxWx3 float32."""
+        return usm_sharp(np.ascontiguousarray(gt, dtype=np.float32), self.usm_weight, self.usm_radius,
+                         self.usm_threshold)
+
+    def targets(self, gt: np.ndarray, gt_sharp: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+        """``{'l1', 'percep', 'gan'}``: the GT each loss trains against (Real-ESRGAN's
+        ``l1_gt_usm`` / ``percep_gt_usm`` / ``gan_gt_usm``); the arrays are shared, not copied."""
+        if gt_sharp is None and any(self.target_usm.values()):
+            gt_sharp = self.sharpen(gt)
+        return {k: (gt_sharp if usm else gt) for k, usm in self.target_usm.items()}
+
     def apply(self, gt: np.ndarray, params: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
         """Degrade ``gt`` (HxWx3 float32 RGB [0,1], H and W multiples of ``params['scale']``)
-        exactly as ``params`` says. Returns ``(gt_out, lq)``: ``gt_out`` is ``gt`` (USM-sharpened
-        if ``params['gt_usm']``), ``lq`` is (H/scale)x(W/scale)x3 float32 RGB on the 8-bit grid."""
-        gt, lqs = self._render(gt, params, with_clean=False)
-        return gt, lqs[0]
+        exactly as ``params`` says (the LR is made from the USM-sharpened GT when
+        ``params['gt_usm']``). Returns ``(l1_target, lq)``: the GT of the L1 / main loss
+        (sharpened iff ``l1_gt_usm``) and the (H/scale)x(W/scale)x3 float32 RGB LR on the 8-bit grid."""
+        sharp, lqs = self._render(gt, params, with_clean=False)
+        return self.targets(gt, sharp)['l1'], lqs[0]
 
     def apply_measured(self, gt: np.ndarray, params: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray, float]:
         """As :meth:`apply`, plus the RMS (8-bit levels) of ``lq`` minus the same chain rendered
-        without its two noise stages: ``(gt_out, lq, noise_rms)``."""
-        gt, (lq, clean) = self._render(gt, params, with_clean=True)
-        return gt, lq, float(np.sqrt(np.mean(np.square(lq - clean, dtype=np.float64))) * 255.0)
+        without its two noise stages: ``(l1_target, lq, noise_rms)``."""
+        sharp, (lq, clean) = self._render(gt, params, with_clean=True)
+        return self.targets(gt, sharp)['l1'], lq, float(np.sqrt(np.mean(np.square(lq - clean, dtype=np.float64))) * 255.0)
 
     def _render(self, gt: np.ndarray, params: Dict[str, Any], with_clean: bool):
-        """(gt_out, [lq] or [lq, lq_without_noise]); the two share everything up to the first noise."""
+        """(sharpened gt or None, [lq] or [lq, lq_without_noise]); the two LRs share everything up
+        to the first noise."""
         scale = int(params['scale'])
         H, W = gt.shape[:2]
         if H % scale or W % scale:
             raise ValueError(f"gt size {H}x{W} is not a multiple of scale {scale}")
         rng = np.random.default_rng(int(params['noise_seed']))
-        img = np.ascontiguousarray(gt[:, :, ::-1], dtype=np.float32)  # BGR inside (OpenCV JPEG)
-        if params.get('gt_usm'):
-            img = usm_sharp(img, self.usm_weight, self.usm_radius, self.usm_threshold)
-            gt = np.ascontiguousarray(img[:, :, ::-1])
+        sharp = None
+        if params.get('gt_usm'):  # Real-ESRGAN degrades the sharpened GT (feed_data: filter2D(self.gt_usm, ...))
+            sharp = self.sharpen(gt)
+            img = np.ascontiguousarray(sharp[:, :, ::-1])  # BGR inside (OpenCV JPEG)
+        else:
+            img = np.ascontiguousarray(gt[:, :, ::-1], dtype=np.float32)
         o1, o2, fin = params['order1'], params['order2'], params['final']
         h, w = H // scale, W // scale
         # ---- order 1 up to its noise (shared by the noisy and the clean stream)
         out = _filter(img, kernel_from_params(o1['blur'])) if o1['blur'] else img
         s1 = o1['resize']['scale']
-        out = _resize(out, math.floor(H * s1), math.floor(W * s1), o1['resize']['mode'])
+        out = _resize(out, math.floor(H * s1), math.floor(W * s1), o1['resize']['mode'], scale_factor=s1)
 
         def rest(out, noisy):
             # the clean stream keeps the clipping that comes with each noise stage
@@ -410,7 +461,7 @@ class RealESRGANDegradation:
         lqs = [rest(out, True)]
         if with_clean:
             lqs.append(rest(out, False))
-        return gt, lqs
+        return sharp, lqs
 
     def __call__(self, gt: np.ndarray, rng: np.random.Generator) -> Dict[str, Any]:
         if not isinstance(gt, np.ndarray) or gt.ndim != 3 or gt.shape[2] != 3:
@@ -421,9 +472,8 @@ class RealESRGANDegradation:
                              f"(needs at least {2 * self.scale}x{2 * self.scale})")
         gt = np.ascontiguousarray(gt[:H, :W], dtype=np.float32)
         params = self.sample_params(rng)
+        sharp, lqs = self._render(gt, params, with_clean=self.measure_noise)
         if self.measure_noise:
-            gt_out, lq, rms = self.apply_measured(gt, params)
-            params['measured'] = {'noise_rms': rms}
-        else:
-            gt_out, lq = self.apply(gt, params)
-        return {'gt': gt_out, 'lq': lq, 'params': params}
+            params['measured'] = {'noise_rms': float(np.sqrt(np.mean(np.square(lqs[0] - lqs[1], dtype=np.float64))) * 255.0)}
+        t = self.targets(gt, sharp)
+        return {'gt': t['l1'], 'gt_percep': t['percep'], 'gt_gan': t['gan'], 'lq': lqs[0], 'params': params}

@@ -24,7 +24,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from dalpsr.data.degradations import RealESRGANDegradation
+from dalpsr.data.prompt_labels import PromptSpec
+from dalpsr.data.sample_images import sample_image_paths
+from dalpsr.utils.img_io import read_image
+from dalpsr.utils.misc import atomic_path, sample_rng, scan_images
 from dalpsr.utils.registry import DATASET_REGISTRY
+from dalpsr.utils.workers import worker_pool  # one thread per worker, fork-safe
 
 __all__ = ['build_lr_cache', 'load_lr_cache', 'CachedLRDataset', 'resolve_hr_paths']
 
@@ -32,9 +38,7 @@ __all__ = ['build_lr_cache', 'load_lr_cache', 'CachedLRDataset', 'resolve_hr_pat
 def resolve_hr_paths(hr: Any) -> List[str]:
     """``hr``: ``'sample:train'`` / ``'sample:val'`` (photos shipped in installed packages), a
     folder of images, or a list of files. Returns sorted paths; an empty result is an error."""
-    from dalpsr.utils.misc import scan_images
     if isinstance(hr, str) and hr.startswith('sample:'):
-        from dalpsr.data.sample_images import sample_image_paths
         paths = [str(p) for p in sample_image_paths(hr.split(':', 1)[1])]
     elif isinstance(hr, str):
         paths = [str(p) for p in scan_images(hr)]
@@ -68,8 +72,6 @@ def sample_gt(hr_paths: Sequence[str], gt_size: int, seed: int, i: int, images: 
     returns ``(photo index, gt [gt_size, gt_size, 3] float32 RGB in [0, 1], rng)`` where ``rng``
     is positioned where the degradation draws its parameters (so ``deg(gt, rng)`` reproduces the
     cached sample). ``images`` memoises decoded photos across calls."""
-    from dalpsr.utils.img_io import read_image
-    from dalpsr.utils.misc import sample_rng
     images = {} if images is None else images
     rng = sample_rng(seed, i)
     j = int(rng.integers(0, len(hr_paths)))
@@ -84,8 +86,6 @@ _CACHE_KEYS = ('lq', 'labels', 'degrees', 'keys', 'params', 'meta')
 
 
 def _init_worker(hr_paths, gt_size, seed, degradation, prompt):
-    from dalpsr.data.degradations import RealESRGANDegradation
-    from dalpsr.data.prompt_labels import PromptSpec
     spec = PromptSpec.from_opt(prompt)
     _WORKER.update(paths=hr_paths, gt_size=gt_size, seed=seed, images={}, spec=spec,
                    deg=RealESRGANDegradation(**spec.degradation_options(degradation)))
@@ -110,7 +110,6 @@ def build_lr_cache(out_file: str, hr: Any = 'sample:train', num_samples: int = 1
     """Degrade ``num_samples`` random crops of the ``hr`` images and save them to ``out_file``
     (``.npz``). Refuses to overwrite an existing file unless ``overwrite``. Returns the path."""
     from tqdm import tqdm
-    from dalpsr.utils.misc import atomic_path
     if os.path.exists(out_file) and not overwrite:
         raise FileExistsError(f'{out_file} exists; refusing to overwrite it (pass overwrite=True / --overwrite)')
     if int(num_samples) < 1:
@@ -121,7 +120,6 @@ def build_lr_cache(out_file: str, hr: Any = 'sample:train', num_samples: int = 1
     results = [None] * n
     it = range(n)
     if int(workers) > 1:
-        from dalpsr.data.triplet_writer import worker_pool  # one thread per worker, fork-safe
         with worker_pool(int(workers), _init_worker, args, threads=1) as pool:
             for r in tqdm(pool.imap_unordered(_make_sample, it, chunksize=16), total=n, disable=not progress,
                           desc=f'degrading {os.path.basename(out_file)}'):
@@ -130,7 +128,6 @@ def build_lr_cache(out_file: str, hr: Any = 'sample:train', num_samples: int = 1
         _init_worker(*args)
         for i in tqdm(it, total=n, disable=not progress, desc=f'degrading {os.path.basename(out_file)}'):
             results[i] = _make_sample(i)
-    from dalpsr.data.prompt_labels import PromptSpec
     spec = PromptSpec.from_opt(prompt)
     meta = {'hr': [os.path.basename(p) for p in paths], 'num_samples': n, 'gt_size': int(gt_size),
             'seed': int(seed), 'degradation': degradation or {}, 'prompt': spec.to_opt()}
@@ -203,7 +200,6 @@ def _build_once(cache_file: str, build: Dict[str, Any], poll_s: float = 2.0) -> 
 def _check_built_as(cache_file: str, meta: Dict[str, Any], build: Dict[str, Any]) -> None:
     """An existing cache must match its ``build:`` block (else it holds other data or labels)."""
     import inspect
-    from dalpsr.data.prompt_labels import PromptSpec
     try:
         b = inspect.signature(build_lr_cache).bind(cache_file, **build)  # build_lr_cache's own defaults
     except TypeError as err:
@@ -253,7 +249,6 @@ class CachedLRDataset:
         self.meta = data['meta']
         self.augment = bool(augment)
         self.seed = int(seed)
-        from dalpsr.data.prompt_labels import PromptSpec
         self.spec = PromptSpec.from_opt(self.meta.get('prompt'))
 
     def __len__(self) -> int:
@@ -261,7 +256,6 @@ class CachedLRDataset:
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
         import torch
-        from dalpsr.utils.misc import sample_rng
         idx = int(i) % len(self.lq)
         img = self.lq[idx]
         if self.augment:

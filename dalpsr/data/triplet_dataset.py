@@ -8,7 +8,11 @@
 
 Items (default collate works)::
 
-    gt      float32 tensor [3, H, W] in [0, 1]            (H = W = gt_size)
+    gt      float32 tensor [3, H, W] in [0, 1]            (H = W = gt_size); the target of the
+            L1 / main loss: USM-sharpened iff degradation.l1_gt_usm (default true, as x4plus)
+    gt_percep, gt_gan  targets of a perceptual / GAN loss (percep_gt_usm / gan_gt_usm), present
+            only when they differ from gt (x4plus defaults: gt_gan = the unsharpened crop); a
+            loss takes ``batch.get('gt_gan', batch['gt'])``
     lq      float32 tensor [3, H/scale, W/scale] in [0, 1]
     labels  int64 tensor [T]  (interval index per prompt type, 0..K-1)
     prompt  str   restoration prompt p_r, e.g. "Deblur with sigma 0.5~0.75, ..."
@@ -37,6 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import cv2
 import numpy as np
 
+from dalpsr.data.captions import load_captions
 from dalpsr.data.degradations import RealESRGANDegradation
 from dalpsr.data.prompt_labels import PromptSpec
 from dalpsr.utils.img_io import ImageReadError, read_image
@@ -63,14 +68,7 @@ def load_caption_map(path: Optional[str]) -> Dict[str, str]:
         return {}
     if not os.path.isfile(path):
         raise FileNotFoundError(f"caption_file not found: {path}")
-    try:
-        from dalpsr.captioning import load_captions
-    except ImportError:  # pragma: no cover - captioning package absent
-        load_captions = None
-    if load_captions is not None:
-        return load_captions(path)
-    return {r['key']: r.get('description') or '' for r in read_jsonl(path)
-            if isinstance(r, dict) and 'key' in r and r.get('error') is None}
+    return load_captions(path)
 
 
 def crop_and_augment(img: np.ndarray, gt_size: int, rng: np.random.Generator, use_hflip: bool = True,
@@ -126,8 +124,8 @@ def make_triplet(img: np.ndarray, rng: np.random.Generator, degradation: RealESR
     params['crop'] = crop
     deg = spec.degrees(params)
     labels = spec.labels_from_degrees(deg)
-    return {'gt': out['gt'], 'lq': out['lq'], 'params': params, 'degrees': deg, 'labels': labels,
-            'prompt': spec.prompt(labels)}
+    return {'gt': out['gt'], 'gt_percep': out['gt_percep'], 'gt_gan': out['gt_gan'], 'lq': out['lq'],
+            'params': params, 'degrees': deg, 'labels': labels, 'prompt': spec.prompt(labels)}
 
 
 def _read_meta_info(meta_info: str, root: Optional[str]) -> List[Path]:
@@ -258,10 +256,16 @@ class TripletDataset(_SkipMixin, _torch_dataset_base()):
                                f'{self.paths[item % n]} on (see the warnings above)')
         key = path.stem
         t['params']['source'] = str(path)
-        return {'gt': _to_tensor(t['gt']), 'lq': _to_tensor(t['lq']),
+        item = {'gt': _to_tensor(t['gt']), 'lq': _to_tensor(t['lq']),
                 'labels': torch.tensor(t['labels'], dtype=torch.int64), 'prompt': t['prompt'],
                 'caption': self.captions.get(key, ''), 'params': json.dumps(t['params']), 'key': key,
                 'index': index}
+        # targets of a perceptual / GAN loss, only when they differ from gt (degradation.*_gt_usm)
+        usm = self.degradation.target_usm
+        for name in ('percep', 'gan'):
+            if usm[name] != usm['l1']:
+                item[f'gt_{name}'] = _to_tensor(t[f'gt_{name}'])
+        return item
 
 
 @DATASET_REGISTRY.register()

@@ -34,15 +34,17 @@ import hashlib
 import json
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from dalpsr.data.triplet_dataset import TripletDataset
+from dalpsr.utils.img_io import write_image
 from dalpsr.utils.misc import append_jsonl, atomic_write_json, atomic_write_text, mkdir_and_rename, read_jsonl
+from dalpsr.utils.workers import worker_pool
 
-__all__ = ['write_triplets', 'worker_pool', 'GENERATE_FILE', 'META_FILE']
+__all__ = ['write_triplets', 'GENERATE_FILE', 'META_FILE']
 
 GENERATE_FILE = 'generate.json'
 META_FILE = 'meta.jsonl'
@@ -79,8 +81,6 @@ _W: Dict[str, Any] = {}
 
 
 def _make_dataset(ds_kwargs: Dict[str, Any]):
-    from dalpsr.data.triplet_dataset import TripletDataset
-
     class _Recording(TripletDataset):
         """TripletDataset that collects skip reasons instead of logging them."""
 
@@ -103,49 +103,6 @@ def _make_dataset(ds_kwargs: Dict[str, Any]):
     return ds
 
 
-@contextmanager
-def worker_pool(workers: int, initializer, initargs: tuple, threads: int = 1) -> Iterator[Any]:
-    """A multiprocessing Pool whose workers run OpenCV with ``threads`` threads (0: leave as is).
-
-    Calling ``cv2.setNumThreads`` inside a *forked* child can deadlock (pthread_cond_destroy on
-    the thread pool state copied from a parent that had used OpenCV threads), so with fork the
-    parent sets the count before forking (children inherit it) and restores it afterwards; a
-    spawned child (no fork on the platform) sets it itself in :func:`apply_threads`.
-    ``initializer(*initargs)`` runs in each child first.
-    """
-    import multiprocessing as mp
-    import cv2
-    method = 'fork' if 'fork' in mp.get_all_start_methods() else 'spawn'
-    prev = cv2.getNumThreads()
-    if threads > 0:
-        cv2.setNumThreads(int(threads))
-    try:
-        with mp.get_context(method).Pool(int(workers), initializer=_pool_init,
-                                         initargs=(method, int(threads), initializer, initargs)) as pool:
-            yield pool
-    finally:
-        cv2.setNumThreads(prev)
-
-
-def _pool_init(method: str, threads: int, initializer, initargs: tuple) -> None:
-    apply_threads(threads, cv2_too=method != 'fork')
-    initializer(*initargs)
-
-
-def apply_threads(threads: int, cv2_too: bool = True) -> None:
-    """Cap torch (and OpenCV, unless in a forked child) threads of this process (0: no change)."""
-    if threads <= 0:
-        return
-    if cv2_too:
-        import cv2
-        cv2.setNumThreads(threads)
-    try:
-        import torch
-        torch.set_num_threads(threads)
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def _init_worker(ds_kwargs: Dict[str, Any], out_dir: str, mode: str) -> None:
     """Per-process state of the writer."""
     _W.update(ds=_make_dataset(ds_kwargs), out=Path(out_dir), mode=mode)
@@ -157,7 +114,6 @@ def _hwc(t) -> np.ndarray:
 
 def _make_sample(i: int):
     """Degrade sample ``i``, write its two images atomically, return (record, new skip reasons)."""
-    from dalpsr.utils.img_io import write_image
     ds, out = _W['ds'], _W['out']
     item = ds[i]
     gdir, ldir = _dirs(_W['mode'])
@@ -188,16 +144,28 @@ def _groups(todo: Sequence[int], num_images: int, size: int = 16) -> List[List[i
 # ---------------------------------------------------------------------------------- resume
 
 def _finished(out: Path) -> Dict[int, Dict[str, Any]]:
-    """Finished samples of an existing set: lines with both files present (first one per index)."""
-    meta = out / META_FILE
+    """Finished samples of an existing set: lines with both files present (first one per index),
+    from ``meta.jsonl`` and the part files of processes of a sharded run (dalpsr.utils.sharding)."""
+    from dalpsr.utils.sharding import Shard
     done: Dict[int, Dict[str, Any]] = {}
-    if not meta.is_file():
-        return done
-    for r in read_jsonl(meta):  # a truncated last line is dropped by read_jsonl
-        if not isinstance(r, dict) or 'index' not in r or int(r['index']) in done:
+    for meta in [out / META_FILE] + Shard.part_files(out / META_FILE):
+        if not meta.is_file():
             continue
-        if (out / r['gt']).is_file() and (out / r['lq']).is_file():
-            done[int(r['index'])] = r
+        for r in read_jsonl(meta):  # a truncated last line is dropped by read_jsonl
+            if not isinstance(r, dict) or 'index' not in r or int(r['index']) in done:
+                continue
+            if (out / r['gt']).is_file() and (out / r['lq']).is_file():
+                done[int(r['index'])] = r
+    return done
+
+
+def _merge_parts(out: Path) -> Dict[int, Dict[str, Any]]:
+    """Fold the part files into ``meta.jsonl`` (atomic rewrite, then the parts are removed)."""
+    from dalpsr.utils.sharding import Shard
+    done = _finished(out)
+    _rewrite_meta(out, list(done.values()))
+    for part in Shard.part_files(out / META_FILE):
+        part.unlink()
     return done
 
 
@@ -221,53 +189,10 @@ def _remove_stale_temps(out: Path, mode: str) -> int:
 
 # ---------------------------------------------------------------------------------- main entry
 
-def write_triplets(out_dir: Union[str, os.PathLike], hr: Union[str, Sequence[str]] = 'sample:train',
-                   num: Optional[int] = None, seed: int = 0, gt_size: Optional[int] = 512, scale: int = 4,
-                   testset: bool = False, use_hflip: Optional[bool] = None, use_rot: Optional[bool] = None,
-                   degradation: Optional[Dict[str, Any]] = None, prompt: Optional[Dict[str, Any]] = None,
-                   small_image: str = 'pad', caption_file: Optional[str] = None, meta_info: Optional[str] = None,
-                   workers: int = 1, threads: int = 1, overwrite: bool = False, progress: bool = True,
-                   verbose: bool = True) -> Dict[str, Any]:
-    """Write ``num`` triplets to ``out_dir`` (layout and resume rules in the module doc).
-
-    Args:
-        hr: HR images: a folder, an image file, ``'sample:train'`` / ``'sample:val'``, or a list;
-            with ``meta_info`` the folder the listed paths are relative to.
-        num: number of samples (default: one per HR image). Sample ``i`` uses image ``i % len``.
-        gt_size: HR crop size (LR = gt_size / scale); ``None`` or 0 keeps whole images.
-        testset: synthetic test set the papers' way: random crops without flips/rotations,
-            written to ``GT/`` and ``LR/`` (same file names) for ``dalpsr/test.py`` and ``scripts/iqa.py``.
-        use_hflip, use_rot: augmentation (default: on for training sets, off for test sets).
-        degradation, prompt, small_image, caption_file: as :class:`TripletDataset`.
-        workers: processes (results do not depend on it); threads: OpenCV/torch threads per
-            worker process when ``workers > 1`` (0 = library default).
-        overwrite: start fresh: a non-empty ``out_dir`` is archived (renamed ``<out>_archived_<time>``).
-
-    Returns ``{'out_dir', 'num', 'generated', 'resumed', 'skipped_inputs', 'seconds'}``.
-    Raises ``FileExistsError`` (refusal), ``FileNotFoundError`` / ``ValueError`` (bad inputs).
-    """
-    from tqdm import tqdm
-    out = Path(out_dir)
-    mode = 'test' if testset else 'train'
-    gt_size = int(gt_size) if gt_size else None
-    ds_kwargs = dict(dataroot_gt=hr, meta_info=meta_info, gt_size=gt_size, scale=int(scale),
-                     use_hflip=(not testset) if use_hflip is None else bool(use_hflip),
-                     use_rot=(not testset) if use_rot is None else bool(use_rot),
-                     degradation=dict(degradation or {}), prompt=prompt, small_image=small_image,
-                     caption_file=caption_file, seed=int(seed))
-    ds = _make_dataset(ds_kwargs)  # validates every option and lists the HR images (errors are one line)
-    n = len(ds.paths) if num is None else int(num)
-    if n < 1:
-        raise ValueError(f'num must be >= 1, got {num}')
-    hr_list = '\n'.join(str(p) for p in ds.paths)
-    config = {'version': _VERSION, 'mode': mode, 'hr': hr if isinstance(hr, str) or hr is None else [str(h) for h in hr],
-              'meta_info': meta_info, 'hr_files': len(ds.paths),
-              'hr_list_sha1': hashlib.sha1(hr_list.encode('utf-8')).hexdigest(), 'seed': int(seed),
-              'gt_size': gt_size, 'scale': int(scale), 'use_hflip': ds.use_hflip, 'use_rot': ds.use_rot,
-              'degradation': ds_kwargs['degradation'], 'prompt': ds.spec.to_opt(), 'small_image': small_image,
-              'caption_file': caption_file}
-    config = json.loads(json.dumps(config))  # normalise tuples etc. for the comparison below
-
+def _prepare(out: Path, config: Dict[str, Any], n: int, mode: str, testset: bool, num_images: int,
+             overwrite: bool, verbose: bool):
+    """Check / archive / resume the output folder and write generate.json (main process only).
+    Returns ``(resumed, finished samples)``."""
     done: Dict[int, Dict[str, Any]] = {}
     resumed = False
     if out.exists() and not out.is_dir():
@@ -297,21 +222,102 @@ def write_triplets(out_dir: Union[str, os.PathLike], hr: Union[str, Sequence[str
     log = _Log(out / LOG_FILE, verbose)
     if resumed:
         stale = _remove_stale_temps(out, mode)
-        done = _finished(out)
-        _rewrite_meta(out, list(done.values()))  # drop truncated / orphaned lines before appending
+        done = _merge_parts(out)  # drop truncated / orphaned lines (and fold part files) before appending
         log(f'resuming {out}: {len(done)} finished sample(s) kept'
             + (f', {stale} temporary file(s) of an interrupted write removed' if stale else ''))
     else:
-        log(f'writing {n} {"test" if testset else "training"} triplets from {len(ds.paths)} HR image(s) to {out}')
+        log(f'writing {n} {"test" if testset else "training"} triplets from {num_images} HR image(s) to {out}')
     atomic_write_json(out / GENERATE_FILE, dict(config, num=max(n, int((done and max(done) + 1) or 0))))
+
+    return resumed, done
+
+
+def write_triplets(out_dir: Union[str, os.PathLike], hr: Union[str, Sequence[str]] = 'sample:train',
+                   num: Optional[int] = None, seed: int = 0, gt_size: Optional[int] = 512, scale: int = 4,
+                   testset: bool = False, use_hflip: Optional[bool] = None, use_rot: Optional[bool] = None,
+                   degradation: Optional[Dict[str, Any]] = None, prompt: Optional[Dict[str, Any]] = None,
+                   small_image: str = 'pad', caption_file: Optional[str] = None, meta_info: Optional[str] = None,
+                   workers: int = 1, threads: int = 1, overwrite: bool = False, progress: bool = True,
+                   verbose: bool = True, shard=None) -> Dict[str, Any]:
+    """Write ``num`` triplets to ``out_dir`` (layout and resume rules in the module doc).
+
+    Args:
+        hr: HR images: a folder, an image file, ``'sample:train'`` / ``'sample:val'``, or a list;
+            with ``meta_info`` the folder the listed paths are relative to.
+        num: number of samples (default: one per HR image). Sample ``i`` uses image ``i % len``.
+        gt_size: HR crop size (LR = gt_size / scale); ``None`` or 0 keeps whole images.
+        testset: synthetic test set the papers' way: random crops without flips/rotations,
+            written to ``GT/`` and ``LR/`` (same file names) for ``dalpsr/test.py`` and ``scripts/iqa.py``.
+        use_hflip, use_rot: augmentation (default: on for training sets, off for test sets).
+        degradation, prompt, small_image, caption_file: as :class:`TripletDataset`.
+        workers: processes (results do not depend on it); threads: OpenCV/torch threads per
+            worker process when ``workers > 1`` (0 = library default).
+        overwrite: start fresh: a non-empty ``out_dir`` is archived (renamed ``<out>_archived_<time>``).
+        shard: a :class:`dalpsr.utils.sharding.Shard` (``accelerate launch``): the main process checks,
+            archives and merges; process r writes every world_size-th group of samples (groups as
+            for ``workers``) and its records to its own part file; the set is the same bytes
+            whatever the number of processes (every call site passes the same arguments).
+
+    Returns ``{'out_dir', 'num', 'generated', 'resumed', 'skipped_inputs', 'seconds'}``.
+    Raises ``FileExistsError`` (refusal), ``FileNotFoundError`` / ``ValueError`` (bad inputs).
+    """
+    from tqdm import tqdm
+
+    from dalpsr.utils.sharding import Shard
+    shard = shard or Shard()
+    out = Path(out_dir)
+    mode = 'test' if testset else 'train'
+    gt_size = int(gt_size) if gt_size else None
+    ds_kwargs = dict(dataroot_gt=hr, meta_info=meta_info, gt_size=gt_size, scale=int(scale),
+                     use_hflip=(not testset) if use_hflip is None else bool(use_hflip),
+                     use_rot=(not testset) if use_rot is None else bool(use_rot),
+                     degradation=dict(degradation or {}), prompt=prompt, small_image=small_image,
+                     caption_file=caption_file, seed=int(seed))
+    ds = _make_dataset(ds_kwargs)  # validates every option and lists the HR images (errors are one line)
+    n = len(ds.paths) if num is None else int(num)
+    if n < 1:
+        raise ValueError(f'num must be >= 1, got {num}')
+    hr_list = '\n'.join(str(p) for p in ds.paths)
+    config = {'version': _VERSION, 'mode': mode, 'hr': hr if isinstance(hr, str) or hr is None else [str(h) for h in hr],
+              'meta_info': meta_info, 'hr_files': len(ds.paths),
+              'hr_list_sha1': hashlib.sha1(hr_list.encode('utf-8')).hexdigest(), 'seed': int(seed),
+              'gt_size': gt_size, 'scale': int(scale), 'use_hflip': ds.use_hflip, 'use_rot': ds.use_rot,
+              'degradation': ds_kwargs['degradation'], 'prompt': ds.spec.to_opt(), 'small_image': small_image,
+              'caption_file': caption_file}
+    config = json.loads(json.dumps(config))  # normalise tuples etc. for the comparison below
+
+    done: Dict[int, Dict[str, Any]] = {}
+    resumed = False
+    failure = None
+    if shard.is_main:
+        try:
+            resumed, done = _prepare(out, config, n, mode, testset, len(ds.paths), overwrite, verbose)
+        except (FileExistsError, OSError) as err:
+            failure = err
+    shard.barrier()  # the other processes start once the folder is checked and generate.json written
+    if failure is not None:
+        raise failure
+    log = _Log(out / LOG_FILE, verbose and shard.is_main)
+    if not shard.is_main:
+        try:
+            ok = {k: v for k, v in json.loads((out / GENERATE_FILE).read_text(encoding='utf-8')).items()
+                  if k in _IDENTITY_KEYS} == {k: config.get(k) for k in _IDENTITY_KEYS}
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise FileExistsError(f'{out}: the main process refused this folder (see its message)')
+        done = _finished(out)
 
     todo = [i for i in range(n) if i not in done]
     skipped: Dict[str, str] = {}
     t0 = time.time()
-    meta = out / META_FILE
+    meta = shard.part_path(out / META_FILE)
+    groups = shard.take(_groups(todo, len(ds.paths)))
+    mine = sum(len(g) for g in groups)
 
     def _consume(group_results):
-        with tqdm(total=len(todo), disable=not progress, desc=f'triplets -> {out.name}', unit='sample') as bar:
+        with tqdm(total=mine, disable=not progress, desc=f'triplets -> {out.name}'
+                  + (f' (process {shard.rank}/{shard.world_size})' if shard.distributed else ''), unit='sample') as bar:
             for results in group_results:
                 for rec, sk in results:
                     for key, reason in sk:
@@ -323,17 +329,24 @@ def write_triplets(out_dir: Union[str, os.PathLike], hr: Union[str, Sequence[str
                 bar.update(len(results))
 
     args = (ds_kwargs, str(out), mode)
-    groups = _groups(todo, len(ds.paths))
-    if todo:
+    if groups:
         if int(workers) > 1:
             with worker_pool(int(workers), _init_worker, args, int(threads)) as pool:
                 _consume(pool.imap_unordered(_make_samples, groups, chunksize=1))
         else:  # in this process: leave its thread settings alone
             _init_worker(*args)
             _consume(_make_samples(g) for g in groups)
-    _rewrite_meta(out, list(done.values()))  # sorted by index: identical bytes whatever the workers
+    if shard.distributed:
+        log(f'process {shard.rank} of {shard.world_size}: {mine} sample(s) written')
+        shard.barrier()  # every process has finished its groups
+        if shard.is_main:
+            done = _merge_parts(out)
+    else:
+        _rewrite_meta(out, list(done.values()))  # sorted by index: identical bytes whatever the workers
     dt = time.time() - t0
-    if todo:
+    if not shard.is_main:
+        pass  # the main process reports for all
+    elif todo:
         log(f'done: {len(todo)} sample(s) in {dt:.1f} s ({len(todo) / max(dt, 1e-9):.2f} samples/s, '
             f'{workers} worker(s)); {len(done)} in the set')
     else:

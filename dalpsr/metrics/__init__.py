@@ -6,7 +6,7 @@ import importlib
 
 from dalpsr.utils.registry import METRIC_REGISTRY
 
-_MODULES = ['iqa']
+_MODULES = ['backends']
 
 for _m in _MODULES:
     importlib.import_module(f'{__name__}.{_m}')

@@ -1,9 +1,9 @@
-"""The contract between a model and the training loop in ``dalpsr/train.py``.
+"""The contract between a model and the training loop (``dalpsr/training/loop.py``).
 
 Models are thin: they own their networks and compute losses. Everything else (Accelerate,
 mixed precision, gradient accumulation, optimizer and LR scheduler, EMA, checkpoints with
 exact resume, logging, validation scheduling) lives in the one visible loop of
-``dalpsr/train.py``, which every model shares.
+``dalpsr/training/`` (command line: ``dalpsr/train.py``), which every model shares.
 
 The loop calls, in order::
 

@@ -1,147 +1,39 @@
 """The DaLPSR sampler (paper IV-B; interface C9): LR -> SR with a ControlNet on frozen SD.
 
-Per image (``lq`` [B,3,h,w] in [0,1], output [B,3,h*scale,w*scale] in [0,1]):
+DaLPSR's part of sampling is its :class:`DaLPSRDenoiser` (one ControlNet + UNet evaluation) and
+its conditions (chunked CLIP text embeddings of the composed prompts; the ControlNet condition
+``z_lr`` in ``latent`` mode or the upsampled LR image in ``image`` mode). Everything else (start
+latent, scheduler, classifier-free guidance, latent and VAE tiling, color fix, seeds) is the
+shared :class:`dalpsr.pipelines.loop.DenoisingLoop`; read its module doc for the steps.
 
-1. ``x_up`` = bicubic x``scale`` upsampling of the LR, replicate-padded to a multiple of
-   ``pad_multiple`` px (64: three UNet downsamplings of the latent); cropped again at the end.
-2. ``z_lr`` = VAE posterior mean of ``2*x_up-1`` times ``scaling_factor`` (tiled VAE encoder).
-   It is the ControlNet condition in ``latent`` mode; in ``image`` mode the condition is ``x_up``.
-3. Start (``start``):
-   ``lr``             LR-embedded start (SeeSR; DaLPSR "LR images with initial noise"):
-                      ``x = sqrt(a_s) z_lr + sqrt(1-a_s) eps`` at ``start_step`` (999), and only
-                      scheduler timesteps ``<= start_step`` are run;
-   ``noise``          pure Gaussian noise;
-   ``noise_guidance`` DeeDSR: pure noise, and for the first ``noise_guidance_steps`` steps the
-                      model prediction is replaced by ``eps = (x_t - sqrt(a_t) z_lr)/sqrt(1-a_t)``
-                      (converted to the scheduler's prediction type).
-4. Each step: classifier-free guidance with the negative prompt, batched (one UNet/ControlNet
-   call on ``[uncond; cond]``); ``eps = eps_u + g (eps_c - eps_u)``. With a latent larger than
-   ``tile.latent_size`` the prediction is computed per latent tile and Gaussian-blended.
-5. Tiled VAE decode, [-1,1] -> [0,1], crop, color fix against ``x_up`` (adain|wavelet|none).
-
-Randomness: one CPU ``torch.Generator`` per image seeded with its seed (initial noise and the
-ancestral noise of stochastic schedulers), so an image's output depends only on its seed, its
-inputs and the settings, not on batch composition or device. Latents and scheduler arithmetic
-stay float32; networks run in ``dtype`` (fp16/bf16 on GPU).
+Prompts of one batch are encoded together only when they need the same number of 77-token
+chunks (negative prompt included under CFG); a batch mixing chunk counts is sampled in groups of
+equal count, so an image's result does not depend on which images share its batch.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
-from dalpsr.pipelines.schedulers import alphas_cumprod, build_scheduler
-from dalpsr.pipelines.tiling import blend_tiles, tiled_vae_decode, tiled_vae_encode
-from dalpsr.utils.color_fix import COLOR_FIX_MODES, color_fix as apply_color_fix
+from dalpsr.pipelines.denoiser import Conditions, Denoiser
+from dalpsr.pipelines.loop import (START_MODES, DenoisingLoop, LRLatents, SamplingSettings,  # noqa: F401
+                                   move_module, parse_dtype)
+from dalpsr.pipelines.tiling import TileOptions
 
 #: SeeSR defaults (REFERENCE.md section 4).
 DEFAULT_NEGATIVE_PROMPT = 'dotted, noise, blur, lowres, smooth'
 DEFAULT_ADDED_PROMPT = 'clean, high-resolution, 8k'
-START_MODES = ('lr', 'noise', 'noise_guidance')
-
-_DTYPES = {'fp32': torch.float32, 'float32': torch.float32, 'fp16': torch.float16, 'float16': torch.float16,
-           'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16}
-
-
-def parse_dtype(d: Union[str, torch.dtype, None], default: torch.dtype = torch.float32) -> torch.dtype:
-    if d is None:
-        return default
-    if isinstance(d, torch.dtype):
-        return d
-    key = str(d).lower().replace('torch.', '')
-    if key not in _DTYPES:
-        raise ValueError(f"unknown dtype '{d}': use fp32, fp16 or bf16")
-    return _DTYPES[key]
-
-
-@dataclass
-class TileOptions:
-    """Tiling of latent diffusion and of the VAE (sizes in latent px unless noted).
-
-    latent_size/latent_overlap: UNet+ControlNet tiles when the latent exceeds ``latent_size``
-    (SeeSR 96/32); vae_encoder_tile/overlap in pixels (1024/128); vae_decoder_tile/overlap in
-    latent px (224/32); vae_encoder_norm/vae_decoder_norm: GroupNorm statistics of VAE tiles
-    (``preview`` shared from a downscaled pass, or ``none``; see tiling.tiled_vae_encode).
-    """
-    latent_size: int = 96
-    latent_overlap: int = 32
-    vae_encoder_tile: int = 1024
-    vae_encoder_overlap: int = 128
-    vae_decoder_tile: int = 224
-    vae_decoder_overlap: int = 32
-    vae_encoder_norm: str = 'preview'
-    vae_decoder_norm: str = 'none'
-
-    @classmethod
-    def from_opt(cls, opt: Union[None, Dict[str, Any], 'TileOptions']) -> 'TileOptions':
-        if opt is None:
-            return cls()
-        if isinstance(opt, cls):
-            return opt
-        if not isinstance(opt, dict):
-            raise ValueError(f'tile options must be a mapping, got {type(opt).__name__}')
-        known = set(cls.__dataclass_fields__)
-        bad = [k for k in opt if k not in known]
-        if bad:
-            raise ValueError(f"unknown tile option '{bad[0]}' (known: {', '.join(sorted(known))})")
-        t = cls(**opt)
-        for k in ('vae_encoder_norm', 'vae_decoder_norm'):
-            if getattr(t, k) not in ('preview', 'none'):
-                raise ValueError(f"tile option {k} must be 'preview' or 'none', got {getattr(t, k)!r}")
-        for k in sorted(known - {'vae_encoder_norm', 'vae_decoder_norm'}):
-            v = getattr(t, k)
-            if not isinstance(v, int) or v < 0 or (k.endswith(('size', 'tile')) and v < 1):
-                raise ValueError(f'tile option {k} must be a positive integer, got {v!r}')
-        if t.latent_overlap >= t.latent_size:
-            raise ValueError(f'tile.latent_overlap ({t.latent_overlap}) must be < tile.latent_size ({t.latent_size})')
-        return t
-
-
-def _encode_prompts_fallback(tokenizer, text_encoder, prompts: List[str], max_chunks: int = 3,
-                             device=None) -> torch.Tensor:
-    """Chunked CLIP encoding (interface C5), used when dalpsr.archs.text_encoding is absent."""
-    device = device or next(text_encoder.parameters()).device
-    L = int(getattr(tokenizer, 'model_max_length', 77) or 77)
-    body = L - 2
-    ids_list = [tokenizer(p, add_special_tokens=False, truncation=False)['input_ids'] for p in prompts]
-    n = max(1, min(max_chunks, max(math.ceil(len(ids) / body) for ids in ids_list) if ids_list else 1))
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    chunks = []
-    for c in range(n):
-        rows = []
-        for ids in ids_list:
-            part = ids[c * body:(c + 1) * body]
-            row = [bos] + part + [eos]
-            row += [pad] * (L - len(row))
-            rows.append(row)
-        t = torch.tensor(rows, dtype=torch.long, device=device)
-        chunks.append(text_encoder(t)[0])
-    return torch.cat(chunks, dim=1)
 
 
 def encode_text(tokenizer, text_encoder, prompts: List[str], max_chunks: int = 3, device=None) -> torch.Tensor:
-    """[B, 77*n, D] text embeddings (C5: dalpsr.archs.text_encoding.encode_prompts when present)."""
-    try:
-        from dalpsr.archs.text_encoding import encode_prompts
-    except ImportError:
-        encode_prompts = _encode_prompts_fallback
+    """[B, 77*n, D] text embeddings (``dalpsr.archs.text_encoding.encode_prompts``)."""
+    from dalpsr.archs.text_encoding import encode_prompts
     return encode_prompts(tokenizer, text_encoder, list(prompts), max_chunks=max_chunks, device=device)
-
-
-def _move(module, device, dtype) -> None:
-    """Move a module; cast only when its dtype differs (diffusers warns on every ``.to(dtype)``)."""
-    module.to(device)
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype)
 
 
 def _as_list(x, b: int, what: str) -> list:
@@ -150,6 +42,49 @@ def _as_list(x, b: int, what: str) -> list:
             raise ValueError(f'{what}: expected {b} values (one per image), got {len(x)}')
         return list(x)
     return [x] * b
+
+
+class DaLPSRDenoiser(Denoiser):
+    """ControlNet then UNet (SD 2.1 + the DaLPSR ControlNet), one evaluation per ``predict``.
+
+    Conditions: ``text`` [N, 77*n, D] (per branch), ``control`` (spatial: ``z_lr`` [N,4,h,w] or
+    the upsampled LR [N,3,8h,8w] in [0,1]) and optionally ``conditioning_scale`` (shared float).
+    Networks run in ``dtype``; ``compile``: ``torch.compile`` them (``True`` or a mode name).
+    """
+
+    COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+
+    def __init__(self, unet, controlnet, *, dtype: torch.dtype = torch.float32, conditioning_scale: float = 1.0,
+                 compile: Union[bool, str] = False):
+        self.unet, self.controlnet = unet, controlnet
+        self.dtype = dtype
+        self.conditioning_scale = float(conditioning_scale)
+        self._unet_fn, self._cn_fn = unet, controlnet
+        if compile:
+            mode = compile if isinstance(compile, str) else None
+            if mode is not None and mode not in self.COMPILE_MODES:
+                raise ValueError(f"compile must be true/false or one of {', '.join(self.COMPILE_MODES)}, "
+                                 f'got {compile!r}')
+            self._unet_fn = torch.compile(unet, mode=mode)
+            self._cn_fn = torch.compile(controlnet, mode=mode)
+        # CUDA graphs reuse their output buffers: mark each network evaluation as a new step
+        self._mark_step = compile in ('reduce-overhead', 'max-autotune')
+
+    def modules(self):
+        return [self.unet, self.controlnet]
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, conditions: Conditions) -> torch.Tensor:
+        xin = x_t.to(self.dtype)
+        cin = conditions['control'].to(self.dtype)
+        emb = conditions['text']
+        scale = float(conditions.shared.get('conditioning_scale', self.conditioning_scale))
+        tt = t.expand(xin.shape[0])
+        if self._mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        down, mid = self._cn_fn(xin, tt, encoder_hidden_states=emb, controlnet_cond=cin, conditioning_scale=scale,
+                                return_dict=False)
+        return self._unet_fn(xin, tt, encoder_hidden_states=emb, down_block_additional_residuals=down,
+                             mid_block_additional_residual=mid, return_dict=False)[0]
 
 
 class DaLPSRSampler:
@@ -181,8 +116,6 @@ class DaLPSRSampler:
         self.device = torch.device(device) if device is not None else (
             torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu'))
         self.dtype = parse_dtype(dtype)
-        self.vae_dtype = parse_dtype(vae_dtype, self.dtype)
-        self.vae_fp32_fallback = bool(vae_fp32_fallback)
         self.vae, self.unet = components.vae, components.unet
         self.text_encoder, self.tokenizer = components.text_encoder, components.tokenizer
         cfg = getattr(components, 'scheduler_config', None)
@@ -190,11 +123,8 @@ class DaLPSRSampler:
             cfg = components.noise_scheduler.config
         if cfg is None:
             raise ValueError('components carry no scheduler_config / noise_scheduler')
-        self.scheduler_config = dict(cfg)
         self.controlnet = controlnet
-        self.scale = int(scale)
         self.max_chunks = int(max_chunks)
-        self.pad_multiple = int(pad_multiple)
         if condition_mode is None:
             condition_mode = getattr(controlnet, 'condition_mode', None)
             if condition_mode is None:
@@ -203,29 +133,27 @@ class DaLPSRSampler:
         if condition_mode not in ('latent', 'image'):
             raise ValueError(f"condition_mode must be 'latent' or 'image', got '{condition_mode}'")
         self.condition_mode = condition_mode
-        for m in (self.vae, self.unet, self.text_encoder, self.controlnet):
+        for m in (self.unet, self.text_encoder, self.controlnet):
             m.requires_grad_(False)
             m.eval()
-        for m, dt in ((self.unet, self.dtype), (self.controlnet, self.dtype), (self.text_encoder, self.dtype),
-                      (self.vae, self.vae_dtype)):
-            _move(m, self.device, dt)
+            move_module(m, self.device, self.dtype)
+        self.loop = DenoisingLoop(self.vae, dict(cfg), scale=scale, device=self.device,
+                                  vae_dtype=parse_dtype(vae_dtype, self.dtype), vae_fp32_fallback=vae_fp32_fallback,
+                                  pad_multiple=pad_multiple, logger=self.logger)
         if channels_last:
             for m in (self.unet, self.controlnet, self.vae):
                 m.to(memory_format=torch.channels_last)
-        self._unet_fn, self._cn_fn = self.unet, self.controlnet
-        if compile:
-            modes = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
-            mode = compile if isinstance(compile, str) else None
-            if mode is not None and mode not in modes:
-                raise ValueError(f"compile must be true/false or one of {', '.join(modes)}, got {compile!r}")
-            self._unet_fn = torch.compile(self.unet, mode=mode)
-            self._cn_fn = torch.compile(self.controlnet, mode=mode)
-        # CUDA graphs reuse their output buffers: mark each network evaluation as a new step
-        self._mark_step = compile in ('reduce-overhead', 'max-autotune')
-        self.vae_scale = float(getattr(self.vae.config, 'scaling_factor', 0.18215))
+        self.denoiser = DaLPSRDenoiser(self.unet, self.controlnet, dtype=self.dtype, compile=compile)
         self.last_stats: Dict[str, Any] = {}
 
-    # ------------------------------------------------------------------ loading
+    @property
+    def scale(self) -> int:
+        return self.loop.scale
+
+    @property
+    def scheduler_config(self) -> Dict[str, Any]:
+        return self.loop.scheduler_config
+
     @classmethod
     def from_pretrained(cls, model_dir: str, sd: Optional[Dict[str, Any]] = None, **kwargs) -> 'DaLPSRSampler':
         """Load an exported model dir (``controlnet/`` + ``dalpsr.json``, C8) with its SD parts.
@@ -248,49 +176,21 @@ class DaLPSRSampler:
         sampler.meta = meta
         return sampler
 
-    # ------------------------------------------------------------------ pieces
+    # ------------------------------------------------------------------ pieces (the loop's)
     def upsample(self, lq: torch.Tensor) -> torch.Tensor:
         """Bicubic x``scale`` of ``lq`` [B,3,h,w] in [0,1] -> [B,3,h*s,w*s] clamped to [0,1]."""
-        x = F.interpolate(lq.float(), scale_factor=self.scale, mode='bicubic', align_corners=False)
-        return x.clamp(0, 1)
+        return self.loop.upsample(lq)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.pad_multiple
-        H, W = x.shape[-2:]
-        ph, pw = (-H) % m, (-W) % m
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode='replicate')
-        return x
+        return self.loop.pad(x)
 
-    def _vae_run(self, fn: Callable[[], torch.Tensor], what: str) -> torch.Tensor:
-        out = fn()
-        if self.vae_dtype != torch.float32 and self.vae_fp32_fallback and not torch.isfinite(out).all():
-            self.logger.warning(f'VAE {what} in {self.vae_dtype} gave non-finite values; recomputing in fp32')
-            _move(self.vae, self.device, torch.float32)
-            try:
-                out = fn()
-            finally:
-                _move(self.vae, self.device, self.vae_dtype)
-            self.last_stats['vae_fp32_fallback'] = True
-        return out
-
-    @torch.no_grad()
     def encode_lr(self, x_up: torch.Tensor, tile: TileOptions) -> torch.Tensor:
         """``x_up`` [B,3,H,W] in [0,1] (H,W multiples of 8) -> scaled latent [B,4,H/8,W/8] (fp32)."""
-        img = (x_up * 2 - 1).to(self.device)
-        z = self._vae_run(lambda: tiled_vae_encode(self.vae, img.to(self.vae.dtype), tile.vae_encoder_tile,
-                                                   tile.vae_encoder_overlap, shared_norm=tile.vae_encoder_norm),
-                          'encode')
-        return z.float() * self.vae_scale
+        return self.loop.encode(x_up, tile)
 
-    @torch.no_grad()
     def decode(self, z: torch.Tensor, tile: TileOptions) -> torch.Tensor:
         """Scaled latent [B,4,h,w] -> image [B,3,8h,8w] in [0,1] (fp32)."""
-        zz = (z / self.vae_scale).to(self.device)
-        x = self._vae_run(lambda: tiled_vae_decode(self.vae, zz.to(self.vae.dtype), tile.vae_decoder_tile,
-                                                   tile.vae_decoder_overlap, shared_norm=tile.vae_decoder_norm),
-                          'decode')
-        return ((x.float() + 1) / 2).clamp(0, 1)
+        return self.loop.decode_latent(z, tile)
 
     @torch.no_grad()
     def text_embeddings(self, prompts: List[str], negative: List[str], cfg: bool) -> torch.Tensor:
@@ -299,41 +199,17 @@ class DaLPSRSampler:
         emb = encode_text(self.tokenizer, self.text_encoder, texts, self.max_chunks, self.device)
         return emb.to(self.dtype)
 
-    def _predict(self, x: torch.Tensor, t, emb: torch.Tensor, cond: torch.Tensor, cfg: bool,
-                 guidance_scale: float, conditioning_scale: float) -> torch.Tensor:
-        """Guided model output for latents ``x`` [B,4,h,w] (fp32 in, fp32 out)."""
-        xin = torch.cat([x, x]) if cfg else x
-        cin = torch.cat([cond, cond]) if cfg else cond
-        xin = xin.to(self.dtype)
-        cin = cin.to(self.dtype)
-        tt = torch.as_tensor(t, device=self.device).expand(xin.shape[0])
-        if self._mark_step:
-            torch.compiler.cudagraph_mark_step_begin()
-        down, mid = self._cn_fn(xin, tt, encoder_hidden_states=emb, controlnet_cond=cin,
-                                conditioning_scale=float(conditioning_scale), return_dict=False)
-        out = self._unet_fn(xin, tt, encoder_hidden_states=emb, down_block_additional_residuals=down,
-                            mid_block_additional_residual=mid, return_dict=False)[0].float()
-        self.last_stats['unet_calls'] = self.last_stats.get('unet_calls', 0) + 1
-        shape = tuple(xin.shape[-2:])
-        if self.last_stats.get('max_latent_tile') is None or shape[0] * shape[1] > math.prod(self.last_stats['max_latent_tile']):
-            self.last_stats['max_latent_tile'] = shape
+    def chunk_groups(self, prompts: List[str], negative: List[str], cfg: bool) -> List[List[int]]:
+        """Indices of the batch grouped by the chunk count their prompts need (with CFG: the
+        larger of prompt and negative prompt), in order of first appearance."""
+        from dalpsr.archs.text_encoding import count_chunks
+        n = count_chunks(self.tokenizer, prompts, self.max_chunks)
         if cfg:
-            u, c = out.chunk(2)
-            out = u + guidance_scale * (c - u)
-        return out
-
-    def _predict_tiled(self, x, t, emb, cond, cfg, guidance_scale, conditioning_scale, tile: TileOptions):
-        h, w = x.shape[-2:]
-        if max(h, w) <= tile.latent_size:
-            return self._predict(x, t, emb, cond, cfg, guidance_scale, conditioning_scale)
-        cs = cond.shape[-1] // w  # 1 (latent condition) or 8 (image condition)
-
-        def fn(xt, box):
-            top, left, th, tw = box
-            ct = cond[:, :, top * cs:(top + th) * cs, left * cs:(left + tw) * cs]
-            return self._predict(xt, t, emb, ct, cfg, guidance_scale, conditioning_scale)
-
-        return blend_tiles(fn, x, tile.latent_size, tile.latent_overlap, out_dtype=torch.float32)
+            n = [max(a, b) for a, b in zip(n, count_chunks(self.tokenizer, negative, self.max_chunks))]
+        groups: Dict[int, List[int]] = {}
+        for i, k in enumerate(n):
+            groups.setdefault(k, []).append(i)
+        return list(groups.values())
 
     # ------------------------------------------------------------------ main call
     @torch.no_grad()
@@ -344,7 +220,7 @@ class DaLPSRSampler:
                  seed: Union[int, Sequence[int]] = 0, tile: Union[None, Dict[str, Any], TileOptions] = None,
                  color_fix: str = 'adain', noise_guidance_steps: int = 1,
                  scheduler_overrides: Optional[Dict[str, Any]] = None, output: str = 'image',
-                 callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+                 callback: Optional[Callable[[int, int], None]] = None, eta: float = 0.0) -> torch.Tensor:
         """Super-resolve ``lq`` [B,3,h,w] in [0,1] -> [B,3,h*scale,w*scale] in [0,1] (float32, CPU).
 
         ``prompts``/``negative_prompt``/``seed``: one value for all images or one per image.
@@ -352,83 +228,65 @@ class DaLPSRSampler:
         added prompt before, e.g. with ``dalpsr.data.prompt_compose.compose_prompt``).
         ``guidance_scale <= 1`` disables classifier-free guidance (one branch only).
         ``output='latent'`` returns the final scaled latent [B,4,H'/8,W'/8] (padded size, fp32)
-        instead of decoding it.
+        instead of decoding it. Other arguments: :class:`dalpsr.pipelines.loop.SamplingSettings`.
         """
         if not isinstance(lq, torch.Tensor) or lq.dim() != 4 or lq.shape[1] != 3:
             raise ValueError(f'lq must be a [B, 3, h, w] tensor, got '
                              f'{tuple(lq.shape) if isinstance(lq, torch.Tensor) else type(lq).__name__}')
-        if start not in START_MODES:
-            raise ValueError(f"start must be one of {', '.join(START_MODES)}, got '{start}'")
-        if color_fix not in COLOR_FIX_MODES:
-            raise ValueError(f"color_fix must be one of {', '.join(COLOR_FIX_MODES)}, got '{color_fix}'")
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}')
-        tile = TileOptions.from_opt(tile)
+        settings = SamplingSettings(num_steps=num_steps, scheduler=scheduler, eta=eta, start=start,
+                                    start_step=start_step, guidance_scale=guidance_scale,
+                                    noise_guidance_steps=noise_guidance_steps,
+                                    scheduler_overrides=scheduler_overrides, color_fix=color_fix, tile=tile)
         b = lq.shape[0]
         prompts = [str(p) for p in _as_list(prompts, b, 'prompts')]
         negative = [str(p) for p in _as_list(negative_prompt if negative_prompt is not None else '', b,
                                              'negative_prompt')]
         seeds = [int(s) for s in _as_list(seed, b, 'seed')]
-        cfg = guidance_scale > 1.0
-        self.last_stats = {'unet_calls': 0, 'max_latent_tile': None}
+        cfg = settings.guidance_scale > 1.0
+        groups = self.chunk_groups(prompts, negative, cfg)
+        if len(groups) == 1:
+            return self._sample(lq, prompts, negative, seeds, settings, float(conditioning_scale), output, callback)
+        outs, stats = [None] * b, []
+        for idx in groups:
+            res = self._sample(lq[idx], [prompts[i] for i in idx], [negative[i] for i in idx],
+                               [seeds[i] for i in idx], settings, float(conditioning_scale), output, callback)
+            stats.append(self.last_stats)
+            for j, i in enumerate(idx):
+                outs[i] = res[j:j + 1]
+        self.last_stats = _merge_stats(stats)
+        return torch.cat(outs)
 
-        x_up = self.upsample(lq.cpu())
-        H, W = x_up.shape[-2:]
-        x_pad = self._pad(x_up)
-        z_lr = self.encode_lr(x_pad, tile)  # [B,4,Hp/8,Wp/8] fp32 on device
-        cond = z_lr if self.condition_mode == 'latent' else x_pad.to(self.device)
-        emb = self.text_embeddings(prompts, negative, cfg)
+    def _sample(self, lq, prompts, negative, seeds, settings, conditioning_scale, output, callback):
+        cfg = settings.guidance_scale > 1.0
+        b = lq.shape[0]
 
-        sched = build_scheduler(scheduler, self.scheduler_config, scheduler_overrides)
-        sched.set_timesteps(num_steps, device=self.device)
-        timesteps = sched.timesteps
-        acp = alphas_cumprod(sched)
-        if start == 'lr':
-            if not 0 <= int(start_step) < len(acp):
-                raise ValueError(f'start_step must be in [0, {len(acp) - 1}], got {start_step}')
-            keep = [i for i, t in enumerate(timesteps.tolist()) if t <= start_step]
-            if not keep:
-                raise ValueError(f'start_step {start_step} is below every timestep of the schedule')
-            if keep[0] > 0:
-                timesteps = timesteps[keep[0]:]
-                if hasattr(sched, 'set_begin_index'):
-                    sched.set_begin_index(keep[0])
-        gens = [torch.Generator('cpu').manual_seed(s) for s in seeds]
-        noise = torch.cat([torch.randn((1,) + tuple(z_lr.shape[1:]), generator=g) for g in gens]).to(self.device)
-        if start == 'lr':
-            a = acp[int(start_step)]
-            lat = (math.sqrt(a) * z_lr + math.sqrt(1 - a) * noise).float()
-        else:
-            lat = noise.float() * float(getattr(sched, 'init_noise_sigma', 1.0))
-        pred_type = sched.config.get('prediction_type', 'epsilon')
-        step_takes_gen = 'generator' in inspect.signature(sched.step).parameters
-        n = len(timesteps)
-        for i, t in enumerate(timesteps):
-            t_int = int(t)
-            inp = sched.scale_model_input(lat, t)
-            if start == 'noise_guidance' and i < int(noise_guidance_steps):
-                a = float(acp[t_int])
-                eps = (inp - math.sqrt(a) * z_lr) / math.sqrt(1 - a)
-                if pred_type == 'v_prediction':
-                    out = math.sqrt(a) * eps - math.sqrt(1 - a) * z_lr
-                elif pred_type == 'sample':
-                    out = z_lr.clone()
-                else:
-                    out = eps
-            else:
-                out = self._predict_tiled(inp, t, emb, cond, cfg, guidance_scale, conditioning_scale, tile)
-            kw = {'generator': gens if len(gens) > 1 else gens[0]} if step_takes_gen else {}
-            lat = sched.step(out, t, lat, return_dict=False, **kw)[0].float()
-            if callback is not None:
-                callback(i, n)
-        self.last_stats['timesteps'] = [int(t) for t in timesteps]
-        if output == 'latent':
-            return lat
-        if output != 'image':
-            raise ValueError(f"output must be 'image' or 'latent', got '{output}'")
-        img = self.decode(lat, tile)[:, :, :H, :W].cpu()
-        img = apply_color_fix(img, x_up, color_fix)
-        return img.float().clamp(0, 1)
+        def conditions(lr: LRLatents) -> Conditions:
+            emb = self.text_embeddings(prompts, negative, cfg)
+            control = lr.z_lr if self.condition_mode == 'latent' else lr.x_pad
+            return Conditions(cond={'text': emb[b:] if cfg else emb}, uncond={'text': emb[:b]} if cfg else {},
+                              shared={'conditioning_scale': conditioning_scale}, spatial={'control': control})
+
+        try:
+            return self.loop(lq, self.denoiser, conditions, seeds, settings, output=output, callback=callback)
+        finally:
+            self.last_stats = dict(self.loop.last_stats)
+
+
+def _merge_stats(stats: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """last_stats of several group calls -> one: times and calls summed, the largest tile kept."""
+    out: Dict[str, Any] = dict(stats[0])
+    for s in stats[1:]:
+        for k in ('unet_calls', 'encode_s', 'denoise_s', 'decode_s'):
+            if k in s:
+                out[k] = out.get(k, 0) + s[k]
+        if s.get('max_latent_tile') and (not out.get('max_latent_tile') or
+                                         s['max_latent_tile'][0] * s['max_latent_tile'][1] >
+                                         out['max_latent_tile'][0] * out['max_latent_tile'][1]):
+            out['max_latent_tile'] = s['max_latent_tile']
+        if s.get('vae_fp32_fallback'):
+            out['vae_fp32_fallback'] = True
+    out['groups'] = len(stats)
+    return out
 
 
 def load_model_meta(model_dir: str) -> Dict[str, Any]:

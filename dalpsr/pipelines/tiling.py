@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -270,3 +271,46 @@ def tiled_vae_decode(vae, z: torch.Tensor, tile: int = 224, overlap: int = 32,
     overlap = min(int(overlap), tile - 1)
     return _tiled_vae(lambda x: vae.decode(x).sample, vae.decoder, z.to(dtype), tile, overlap, 8, 1, dtype,
                       shared_norm)
+
+
+@dataclass
+class TileOptions:
+    """Tiling of latent diffusion and of the VAE (sizes in latent px unless noted).
+
+    latent_size/latent_overlap: UNet+ControlNet tiles when the latent exceeds ``latent_size``
+    (SeeSR 96/32); vae_encoder_tile/overlap in pixels (1024/128); vae_decoder_tile/overlap in
+    latent px (224/32); vae_encoder_norm/vae_decoder_norm: GroupNorm statistics of VAE tiles
+    (``preview`` shared from a downscaled pass, or ``none``; see tiling.tiled_vae_encode).
+    """
+    latent_size: int = 96
+    latent_overlap: int = 32
+    vae_encoder_tile: int = 1024
+    vae_encoder_overlap: int = 128
+    vae_decoder_tile: int = 224
+    vae_decoder_overlap: int = 32
+    vae_encoder_norm: str = 'preview'
+    vae_decoder_norm: str = 'none'
+
+    @classmethod
+    def from_opt(cls, opt: Union[None, Dict[str, Any], 'TileOptions']) -> 'TileOptions':
+        if opt is None:
+            return cls()
+        if isinstance(opt, cls):
+            return opt
+        if not isinstance(opt, dict):
+            raise ValueError(f'tile options must be a mapping, got {type(opt).__name__}')
+        known = set(cls.__dataclass_fields__)
+        bad = [k for k in opt if k not in known]
+        if bad:
+            raise ValueError(f"unknown tile option '{bad[0]}' (known: {', '.join(sorted(known))})")
+        t = cls(**opt)
+        for k in ('vae_encoder_norm', 'vae_decoder_norm'):
+            if getattr(t, k) not in ('preview', 'none'):
+                raise ValueError(f"tile option {k} must be 'preview' or 'none', got {getattr(t, k)!r}")
+        for k in sorted(known - {'vae_encoder_norm', 'vae_decoder_norm'}):
+            v = getattr(t, k)
+            if not isinstance(v, int) or v < 0 or (k.endswith(('size', 'tile')) and v < 1):
+                raise ValueError(f'tile option {k} must be a positive integer, got {v!r}')
+        if t.latent_overlap >= t.latent_size:
+            raise ValueError(f'tile.latent_overlap ({t.latent_overlap}) must be < tile.latent_size ({t.latent_size})')
+        return t

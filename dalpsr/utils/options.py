@@ -1,14 +1,15 @@
 """YAML options: loading, ``--set`` overrides and key checking.
 
 An options file is a nested mapping; blocks that name a registered object carry a
-``type:`` key. ``parse_options`` is used by ``dalpsr/train.py`` and ``dalpsr/test.py``::
+``type:`` key. ``load_options`` is used by ``dalpsr/train.py``, ``dalpsr/test.py`` and scripts::
 
     python dalpsr/train.py -opt options/train/train_irpad_cpu.yml --set train.total_iter=200 \
         --set datasets.train.batch_size=8
 
 ``--set`` values are parsed as YAML scalars (``8`` -> int, ``1e-4`` -> float, ``true`` -> bool,
-``[1,2]`` -> list, ``null`` -> None). Unknown top-level keys and missing required keys raise
-:class:`OptionError` naming the key and the file.
+``[1,2]`` -> list, ``null`` -> None). An override may create a block the file lacks (every
+documented key can be set); unknown keys and missing required keys raise :class:`OptionError`
+naming the key and the file.
 """
 from __future__ import annotations
 
@@ -70,9 +71,16 @@ def load_yaml(path: str) -> Dict[str, Any]:
     return data
 
 
-def apply_overrides(opt: Dict[str, Any], overrides: Iterable[str], source: str = '') -> Dict[str, Any]:
-    """Apply ``key.sub=value`` overrides in place. A new leaf key is allowed only where the
-    parent block exists, so typos in a path fail loudly."""
+def apply_overrides(opt: Dict[str, Any], overrides: Iterable[str], source: str = '',
+                    top_keys: Optional[Iterable[str]] = None) -> Dict[str, Any]:
+    """Apply ``key.sub=value`` overrides in place.
+
+    With ``top_keys`` (the keys a file may have at its top level), a block that the file lacks
+    (or sets to ``null``) is created, so every documented key can be set from the command line
+    (``--set path.experiments_root=/data``); a typo in a top-level name still fails here, and a
+    typo deeper down fails at the check of its block. Without ``top_keys`` only existing blocks
+    can be entered. A value that is not a mapping is never replaced by a block."""
+    top = set(top_keys) if top_keys is not None else None
     for item in overrides or []:
         if '=' not in item:
             raise OptionError(f"--set expects key.sub=value, got '{item}'")
@@ -81,10 +89,18 @@ def apply_overrides(opt: Dict[str, Any], overrides: Iterable[str], source: str =
         value = yaml.safe_load(raw) if raw != '' else ''
         node = opt
         for i, part in enumerate(parts[:-1]):
-            if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
-                prefix = '.'.join(parts[:i + 1])
-                raise OptionError(f"--set {key}: there is no block '{prefix}' in {source or 'the options'}")
-            node = node[part]
+            prefix = '.'.join(parts[:i + 1])
+            child = node.get(part)
+            if child is None and top is not None and (i > 0 or part in top):
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                if part in node:
+                    raise OptionError(f"--set {key}: '{prefix}' is not a block in {source or 'the options'} "
+                                      f"(it is {child!r})")
+                close = difflib.get_close_matches(part, top or (k for k in node if isinstance(node[k], dict)), n=1)
+                hint = f" (did you mean '{'.'.join(parts[:i] + [close[0]])}'?)" if close else ''
+                raise OptionError(f"--set {key}: there is no block '{prefix}' in {source or 'the options'}{hint}")
+            node = child
         node[parts[-1]] = value
     return opt
 
@@ -115,11 +131,15 @@ def check_keys(block: Dict[str, Any], allowed: Iterable[str], where: str) -> Non
             raise OptionError(f"{where}: unknown key '{key}'{hint}")
 
 
-def load_options(path: str, overrides: Optional[List[str]] = None, is_train: bool = True) -> Dict[str, Any]:
-    """Load, override and check an options file. Adds ``_source`` (the path) and ``is_train``."""
+def load_options(path: str, overrides: Optional[List[str]] = None, is_train: bool = True,
+                 top_keys: Optional[Iterable[str]] = None) -> Dict[str, Any]:
+    """Load, override and check an options file. Adds ``_source`` (the path) and ``is_train``.
+    ``top_keys``: the keys allowed at the top level (default :data:`TOP_LEVEL_KEYS`; train.py
+    passes its own, stricter set); overrides may create any of these blocks."""
+    top = tuple(top_keys) if top_keys is not None else tuple(TOP_LEVEL_KEYS)
     opt = load_yaml(path)
-    apply_overrides(opt, overrides or [], source=path)
-    check_keys(opt, TOP_LEVEL_KEYS, f"top level of {path}")
+    apply_overrides(opt, overrides or [], source=path, top_keys=top)
+    check_keys(opt, top, f"top level of {path}")
     if 'name' not in opt:
         raise OptionError(f"missing required key 'name' in {path}")
     opt['_source'] = path
