@@ -142,6 +142,9 @@ def test_messy_folder_outputs_rules_prompts_and_metrics(first_run, messy):
     # per-image seeds, timing, memory; metrics where GT exists (a, b), means in the summary
     assert recs['a']['seed'] == T.image_seed(3, 'a') != recs['b']['seed']
     assert recs['a']['seconds'] > 0 and recs['a']['peak_mem_mb'] > 0 and recs['a']['unet_calls'] == 2  # untiled
+    # per-stage times of the image (issue 13.11): VAE encode, denoising steps, VAE decode
+    assert all(recs['a'][k] > 0 for k in ('encode_s', 'denoise_s', 'decode_s'))
+    assert recs['a']['encode_s'] + recs['a']['denoise_s'] + recs['a']['decode_s'] <= recs['a']['seconds'] + 1e-3
     assert set(recs['a']['metrics']) == {'psnr', 'ssim'} and 'metrics' in recs['gray']
     assert recs['gray']['metrics'] == {}
     summary = json.loads((d / 'summary.json').read_text())
