@@ -153,6 +153,9 @@ def main(argv=None) -> int:
     p.add_argument('--seed', type=int, default=11)
     p.add_argument('--random-seed', type=int, default=0, help='seed of the randomly initialised baseline')
     p.add_argument('--l2', default='1e-4,1e-3,1e-2,1e-1,1', help='comma-separated L2 weights (cross-validated)')
+    p.add_argument('--stats-baseline', action='store_true',
+                   help='also probe the weight-free LR statistics of dalpsr.archs.degradation_stats (what a '
+                        'linear probe can read from these LRs without any learning)')
     p.add_argument('--cache', default=None, help='.npz keeping the degraded fit/eval sets (built when missing)')
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--out', default=None, help='JSON file for the results')
@@ -204,16 +207,22 @@ def main(argv=None) -> int:
            'eval_label_counts': {t: torch.bincount(ev[1][:, j], minlength=4).tolist() for j, t in enumerate(TYPES)},
            'majority': majority}
     feats = {}
-    for name, net in (('trained', trained), ('random', random_net)):
+    nets = [('trained', trained), ('random', random_net)]
+    if args.stats_baseline:
+        from dalpsr.archs.degradation_stats import degradation_statistics
+        nets.append(('stats', degradation_statistics))
+    for name, net in nets:
         ff, fe = features(net, fit[0]), features(net, ev[0])
-        feats[name] = fe
+        if name != 'stats':
+            feats[name] = fe
         res[name], res['l2_chosen'][name] = probe(ff, fit[1], fe, ev[1], grid)
     res['seconds'] = {'data': round(t_data, 1), 'total': round(time.time() - t0, 1)}
     print(f"linear probe on d ({cfg['widths'][-1]}-d), fitted on {args.num_fit} LRs of {args.fit_hr}, "
           f"scored on {args.num_eval} LRs of {args.eval_hr} (K = 4 intervals)")
-    print(f"{'type':8s} {'trained':>8s} {'random':>8s} {'majority':>9s}")
+    print(f"{'type':8s} {'trained':>8s} {'random':>8s} {'majority':>9s}" + (f" {'stats':>8s}" if 'stats' in res else ''))
     for t in TYPES:
-        print(f"{t:8s} {res['trained'][t]:8.3f} {res['random'][t]:8.3f} {majority[t]:9.3f}")
+        extra = f" {res['stats'][t]:8.3f}" if 'stats' in res else ''
+        print(f"{t:8s} {res['trained'][t]:8.3f} {res['random'][t]:8.3f} {majority[t]:9.3f}{extra}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         tmp = f'{args.out}.tmp'
