@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dalpsr import test as T
+from dalpsr.restorers import dalpsr_diffusion
 from dalpsr.utils.options import OptionError, load_options
 from tests.script_loader import load_script
 
@@ -162,7 +163,7 @@ def test_rerun_skips_finished_images_without_loading_the_sampler(first_run, tiny
 
     def boom(*a, **k):
         raise AssertionError('the sampler must not be built when every image is done')
-    monkeypatch.setattr(T, 'build_sampler', boom)
+    monkeypatch.setattr(dalpsr_diffusion, 'build_sampler', boom)
     again = T.test(_opt(tiny, messy, results))
     assert {p.name: p.stat().st_mtime_ns for p in d.glob('*.png')} == before
     s = again['sets']['set1']

@@ -6,7 +6,7 @@ import importlib
 
 from dalpsr.utils.registry import LOSS_REGISTRY
 
-_MODULES = ['losses']
+_MODULES = ['losses', 'siglip_loss']
 
 for _m in _MODULES:
     importlib.import_module(f'{__name__}.{_m}')
