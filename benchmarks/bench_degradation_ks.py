@@ -16,6 +16,7 @@ Cost: the reference's USMSharp is a 51x51 convolution (seconds per 512 crop on o
 reference the sharpened crop with its own USM off: identical LR, since USMSharp is deterministic.
 
     python benchmarks/bench_degradation_ks.py                       # 2000 samples, 256 crops -> 64
+    python benchmarks/bench_degradation_ks.py --gt-size 128         # 2000 samples, 128 crops -> 32
     python benchmarks/bench_degradation_ks.py --num 300 --gt-size 512 --crops 100
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=1, help='torch and OpenCV threads')
     p.add_argument('--no-usm-cache', action='store_true', help="run the reference's USMSharp per sample")
+    p.add_argument('--progress', type=int, default=250, help='print progress to stderr every N samples (0: never)')
     return p.parse_args(argv)
 
 
@@ -107,6 +109,8 @@ def main(argv=None):
             t_ref += time.perf_counter() - t
             rec.noise_tensors.clear()
             theirs.append(lr_statistics(lq_ref[0].numpy().transpose(1, 2, 0)))
+            if args.progress and (i + 1) % args.progress == 0:
+                print(f'  {i + 1} / {args.num} (ours {t_ours:.0f} s, reference {t_ref:.0f} s)', file=sys.stderr, flush=True)
     load = os.getloadavg()
     print(f'{args.num} samples per pipeline, {args.gt_size} -> {args.gt_size // 4}, {len(crops)} distinct crops, '
           f'seed {args.seed}, {args.threads} thread(s); ours {t_ours:.0f} s, reference {t_ref:.0f} s, '

@@ -35,6 +35,7 @@ from dalpsr.captioning.pipeline import CAPTIONER_MODES  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('-opt', default=None, help='YAML file with any of the options below')
+    p.add_argument('--preset', default=None, help='named settings of a method (dalpsr/utils/caption_presets.py: sspir)')
     p.add_argument('--input', help='image folder (scanned recursively unless --no-recursive)')
     p.add_argument('--out', help='output JSONL file')
     p.add_argument('--captioner', choices=CAPTIONER_MODES, default='ram+llava')
@@ -67,10 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.preset:  # a method's settings as defaults; -opt keys and flags override them
+        from dalpsr.utils.caption_presets import preset_defaults
+        try:
+            parser.set_defaults(**preset_defaults(args.preset))
+        except KeyError as err:
+            parser.error(err.args[0])
+        args = parser.parse_args(argv)
     if args.opt:
         from dalpsr.utils.options import OptionError, load_yaml
         cfg = load_yaml(args.opt)
-        known = {a.dest for a in parser._actions} - {'help', 'opt'}
+        known = {a.dest for a in parser._actions} - {'help', 'opt', 'preset'}
         bad = sorted(set(cfg) - known)
         if bad:
             raise OptionError(f"{args.opt}: unknown key(s) {', '.join(bad)} (allowed: {', '.join(sorted(known))})")

@@ -19,12 +19,14 @@ def main(argv=None) -> int:
     p.add_argument('out_dir', nargs='?', default='pretrained_models/tiny', help='folder to write (default pretrained_models/tiny)')
     p.add_argument('--seed', type=int, default=0, help='seed of the random weights (default 0)')
     p.add_argument('--overwrite', action='store_true', help='rebuild parts that already exist')
+    p.add_argument('--layout', default='fast', choices=('fast', 'sd'),
+                   help="fast (default: attention at half latent resolution, none in the VAE) or sd (SD's layout)")
     args = p.parse_args(argv)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     import torch
     torch.set_num_threads(1)
-    from dalpsr.pipelines.tiny import TINY_LABEL, build_tiny_dalpsr
-    paths = build_tiny_dalpsr(args.out_dir, seed=args.seed, overwrite=args.overwrite)
+    from dalpsr.inference.tiny import TINY_LABEL, build_tiny_dalpsr
+    paths = build_tiny_dalpsr(args.out_dir, seed=args.seed, overwrite=args.overwrite, layout=args.layout)
     print(f'{TINY_LABEL}: ' + ', '.join(f'{k} -> {v}' for k, v in paths.items()))
     return 0
 

@@ -63,7 +63,9 @@ def test_alignment_reduces_the_lr_hr_feature_gap_and_export_plugs_into_llava(tmp
     from dalpsr.models.caption_align_model import load_llava_vision_tower
     from dalpsr.train import train
     torch.manual_seed(0)
-    opt = _opt(tmp_path, tiny_llava, hr_dirs, total=30)
+    # 50 steps: with the issue-13 degradation (USM-sharpened GT degraded, area resize) the LR
+    # inputs changed and 30 steps moved the gap by 4.2% only (mse/mse_untuned 0.958); 50 give 0.891
+    opt = _opt(tmp_path, tiny_llava, hr_dirs, total=50)
     opt['train']['val_at_start'] = True
     res = train(opt)
     exp = tmp_path / 'caption_align_tiny'

@@ -89,7 +89,7 @@ def test_settings_reject_unknown_and_bad_values():
         SamplingSettings(start='lr_init')
     with pytest.raises(ValueError, match='eta must be >= 0'):
         SamplingSettings(eta=-1)
-    with pytest.raises(ValueError, match='unknown scheduler'):
+    with pytest.raises(ValueError, match="unknown 'heun9'"):
         SamplingSettings.check_scheduler_name('heun9')
 
 

@@ -22,11 +22,15 @@ LAYERS = [
     {'utils'},                          # options, registries, file I/O, workers: no dalpsr import
     {'data', 'archs', 'losses'},        # degradations/labels/datasets; networks; loss functions
     {'metrics', 'captioning'},          # IQA metrics (sample images of data); taggers (RAM arch)
-    {'models'},                         # training wrappers of archs (losses, data labels)
-    {'pipelines'},                      # denoising loop, schedulers, tiny stand-ins
+    {'pipelines'},                      # denoising loop, schedulers, denoisers over archs
+    {'models'},                         # training wrappers of archs (validation through pipelines)
     {'restorers'},                      # one registered restorer per method (test time)
     {'inference', 'training'},          # test.py core; train loop
 ]
+
+#: Imports against the layers in files other developers own, allowed by name (module, imported
+#: module) until they are moved; each says why and what would fix it.
+ALLOWED_EDGES = {}
 
 #: Circles that exist in files other developers are changing right now, allowed by name until
 #: their work lands (each entry: the modules of the circle, sorted). Empty: none today.
@@ -176,7 +180,7 @@ def layering_violations(graph):
             continue
         for target, line in sorted(edges.items()):
             dst = package_of(target)
-            if dst == src:
+            if dst == src or (mod, target) in ALLOWED_EDGES:
                 continue
             if dst is None or dst not in rank or rank[dst] >= rank[src]:
                 bad.append(f'{mod} (line {line}) imports {target}: {src} may not import '
@@ -210,6 +214,13 @@ def test_allowed_cycles_still_exist():
     """An allowlisted circle that is gone must leave ALLOWED_CYCLES (the list only shrinks)."""
     present = {tuple(sorted(set(c))) for c in find_cycles(build_graph())}
     assert not (ALLOWED_CYCLES - present), f'remove from ALLOWED_CYCLES: {sorted(ALLOWED_CYCLES - present)}'
+
+
+def test_allowed_edges_still_needed():
+    """An allowed edge whose module exists but no longer imports the target must leave ALLOWED_EDGES."""
+    graph = build_graph()
+    stale = [e for e in ALLOWED_EDGES if e[0] in graph and e[1] not in graph[e[0]]]
+    assert not stale, f'remove from ALLOWED_EDGES: {stale}'
 
 
 def test_packages_import_only_lower_layers():

@@ -1,6 +1,7 @@
 """YAML options: key checks naming key and file, --set overrides, the train reference file."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -217,3 +218,20 @@ def test_caption_align_reference_documents_every_model_key(repo_root):
     missing = sorted(k for k in CaptionAlignModel.KEYS if k != 'type' and not doc.get(k))
     assert not missing, f'options/reference/captioning.yml does not document {missing}'
     assert set(doc) <= set(CaptionAlignModel.KEYS), sorted(set(doc) - set(CaptionAlignModel.KEYS))
+
+
+@pytest.mark.parametrize('sub,key', [({'prompt': {'typs': ['blur']}}, 'typs'),
+                                     ({'degradation': {'blur_prb': 0.5}}, 'blur_prb')])
+def test_an_unknown_key_in_a_dataset_sub_block_stops_the_run_with_one_line(tmp_path, capsys, sub, key):
+    """Keys inside a dataset's own sub-blocks (the prompt spec, the degradation) too."""
+    import skimage.data
+
+    from dalpsr.train import main
+    train = {'type': 'TripletDataset', 'dataroot_gt': str(Path(skimage.data.__file__).parent), 'gt_size': 64,
+             'scale': 4, 'small_image': 'skip', **sub}
+    opt = {'name': 'unk', 'path': {'experiments_root': str(tmp_path / 'exp')}, 'model': {'type': 'ToyModel'},
+           'imports': ['tests.toy_plugin'], 'datasets': {'train': train}, 'train': {'total_iter': 1}}
+    assert main(['-opt', str(_write(tmp_path, yaml.safe_dump(opt)))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and key in err and 'datasets.train in' in err, err
+    assert not (tmp_path / 'exp').exists()

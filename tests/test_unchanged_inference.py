@@ -4,6 +4,12 @@ The reference values in tests/data/unchanged_inference/ were written by tests/un
 run against commit 3297236 (see its docstring). Both the sampler cases (every start mode, every
 offered scheduler family, CFG on/off, latent + VAE tiling, image condition, a 2-chunk prompt, a
 batch of 2) and the demo (scripts/demo_sr.py --tiny through dalpsr/test.py) must be bit-identical.
+
+One deliberate change since (issue 13.5): the LR-embedded start is now noised to the level of the
+first timestep run; ``start_noise: start_step`` keeps the earlier level (t = start_step), and with
+it the outputs must still be bit-identical (tests/test_start_noise.py covers the new default).
+The demo's stand-in is built in the layout of that time (``--tiny-layout sd``; the default
+``fast`` layout is another random model, dalpsr/inference/tiny.py).
 """
 import json
 from pathlib import Path
@@ -30,7 +36,10 @@ def _same(name, got, want):
 def test_sampler_cases_bit_identical_to_recorded(summary):
     from dalpsr.pipelines import DaLPSRSampler
     want = np.load(DATA / 'cases.npz')
-    got = ref.run_cases(lambda comps, cn: DaLPSRSampler(comps, cn, device='cpu'))
+    def make(comps, cn):
+        sampler = DaLPSRSampler(comps, cn, device='cpu')
+        return lambda lq, **kw: sampler(lq, start_noise='start_step', **kw)
+    got = ref.run_cases(make)
     assert sorted(got) == sorted(want.files) == sorted(summary['cases'])
     for name in want.files:
         _same(name, got[name], want[name])
@@ -39,7 +48,7 @@ def test_sampler_cases_bit_identical_to_recorded(summary):
 
 def test_demo_images_identical_to_recorded(tmp_path, summary):
     want = np.load(DATA / 'demo.npz')
-    got = ref.run_demo(tmp_path)
+    got = ref.run_demo(tmp_path, {'start_noise': 'start_step'}, ['--tiny-layout', 'sd'])
     assert sorted(got) == sorted(want.files) and len(got) == 2
     for name in want.files:
         _same(name, got[name], want[name])

@@ -102,8 +102,10 @@ def run_cases(make_sampler) -> Dict[str, np.ndarray]:
     return out
 
 
-def run_demo(work: Path) -> Dict[str, np.ndarray]:
-    """scripts/demo_sr.py --tiny (2 shipped photographs, 32 px LR, 4 DDIM steps) -> key -> uint8 SR."""
+def run_demo(work: Path, sampler_extra: Dict[str, Any] = None, args: List[str] = ()) -> Dict[str, np.ndarray]:
+    """scripts/demo_sr.py --tiny (2 shipped photographs, 32 px LR, 4 DDIM steps) -> key -> uint8 SR.
+    ``sampler_extra``: keys added to the demo's ``sampler`` options; ``args``: extra demo arguments
+    (both empty for the recording)."""
     import importlib.util
 
     import cv2
@@ -112,7 +114,15 @@ def run_demo(work: Path) -> Dict[str, np.ndarray]:
     spec = importlib.util.spec_from_file_location('demo_sr_ref', root / 'scripts' / 'demo_sr.py')
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    rc = demo.main(['--tiny', '--tiny-dir', str(work / 'tiny'), '--results-root', str(work / 'results')])
+    if sampler_extra:
+        build = demo.build_options
+
+        def build_options(*args, **kwargs):
+            opt = build(*args, **kwargs)
+            opt['sampler'].update(sampler_extra)
+            return opt
+        demo.build_options = build_options
+    rc = demo.main(['--tiny', '--tiny-dir', str(work / 'tiny'), '--results-root', str(work / 'results')] + list(args))
     if rc != 0:
         raise RuntimeError(f'demo_sr failed (rc {rc})')
     folder = work / 'results' / 'demo_sr_TINY_RANDOM_STAND-IN' / 'demo'

@@ -6,7 +6,7 @@ import importlib
 
 from dalpsr.utils.registry import ARCH_REGISTRY
 
-_MODULES = ['irpad_arch', 'ram_arch', 'controlnet_arch', 'sd_components', 'dat_arch', 'realdat_arch', 'srclip_arch']
+_MODULES = ['irpad_arch', 'ram_arch', 'controlnet_arch', 'sd_components', 'sspir_arch', 'deedsr_learner_arch', 'deedsr_adapter_arch', 'dat_arch', 'realdat_arch', 'srclip_arch']
 
 for _m in _MODULES:
     importlib.import_module(f'{__name__}.{_m}')

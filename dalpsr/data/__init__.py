@@ -6,7 +6,7 @@ import importlib
 
 from dalpsr.utils.registry import DATASET_REGISTRY
 
-_MODULES = ['degradations', 'prompt_labels', 'triplet_dataset', 'lr_cache', 'deplsr_degradation', 'deplsr_datasets']
+_MODULES = ['degradations', 'prompt_labels', 'triplet_dataset', 'lr_cache', 'deedsr_dataset', 'deplsr_degradation', 'deplsr_datasets']
 
 for _m in _MODULES:
     importlib.import_module(f'{__name__}.{_m}')

@@ -49,7 +49,7 @@ __all__ = ['write_triplets', 'GENERATE_FILE', 'META_FILE']
 GENERATE_FILE = 'generate.json'
 META_FILE = 'meta.jsonl'
 LOG_FILE = 'generate.log'
-_VERSION = 1
+_VERSION = 2  # 2: x4plus USM defaults and F.interpolate resizing (issue 13); a version-1 set is not resumed
 
 #: keys of generate.json that define the samples (a resume must match them all)
 _IDENTITY_KEYS = ('version', 'mode', 'hr', 'meta_info', 'hr_files', 'hr_list_sha1', 'seed', 'gt_size', 'scale',

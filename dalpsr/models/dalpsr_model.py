@@ -58,7 +58,7 @@ DEFAULTS: Dict[str, Any] = {
     'snr_gamma': None,
     'val': {'num_images': 2, 'num_steps': 20, 'guidance_scale': 5.5,
             'negative_prompt': 'dotted, noise, blur, lowres, smooth', 'conditioning_scale': 1.0, 'seed': 0,
-            'loss_timesteps': [100, 500, 900], 'start_step': 999},
+            'loss_timesteps': [100, 500, 900], 'start_step': 999, 'start_noise': 'first_step'},
 }
 
 
@@ -334,35 +334,26 @@ class DaLPSRModel(BaseModel):
     @torch.no_grad()
     def sample(self, lq: torch.Tensor, prompts: Sequence[str], num_steps: int = 20, guidance_scale: float = 5.5,
                negative_prompt: str = '', conditioning_scale: float = 1.0, seed: int = 0,
-               start_step: int = 999) -> torch.Tensor:
-        """A short DDIM sampler for validation: LR-embedded start at ``start_step`` (SeeSR),
-        classifier-free guidance. ``lq`` [B,3,h,w] in [0,1] -> SR [B,3,h*s,w*s] in [0,1].
-        (dalpsr.pipelines.DaLPSRSampler is the full sampler: tiles, schedulers, color fix.)"""
-        from diffusers import DDIMScheduler
+               start_step: int = 999, start_noise: str = 'first_step') -> torch.Tensor:
+        """Validation samples through the one sampler (dalpsr.pipelines.DaLPSRSampler on this
+        model's networks as they are): DDIM, LR-embedded start, classifier-free guidance, no color
+        fix. ``lq`` [B,3,h,w] in [0,1] -> SR [B,3,h*s,w*s] in [0,1] (CPU); image ``i`` uses seed
+        ``seed + i``."""
+        import types
 
-        from dalpsr.archs.controlnet_arch import upsample_lq
-        from dalpsr.archs.sd_components import decode_latents
-        lq = lq.to(self.device).float()
-        size = (lq.shape[-2] * self.scale, lq.shape[-1] * self.scale)
-        z_lr = self.encode_latents(upsample_lq(lq, self.scale, size))
-        cond = self.condition(lq, size)
-        sched = DDIMScheduler.from_config(self.components.scheduler_config)
-        sched.set_timesteps(num_steps, device=self.device)
-        timesteps = [t for t in sched.timesteps if int(t) <= start_step]
-        g = torch.Generator().manual_seed(int(seed))
-        noise = torch.randn(z_lr.shape, generator=g).to(self.device)
-        t0 = torch.full((z_lr.shape[0],), int(timesteps[0]), device=self.device, dtype=torch.long)
-        x = self.noise_scheduler.add_noise(z_lr, noise, t0)
+        from dalpsr.pipelines.sampler import DaLPSRSampler
+        parts = types.SimpleNamespace(vae=self._raw('vae'), unet=self._raw('unet'),
+                                      text_encoder=self._raw('text_encoder'), tokenizer=self.tokenizer,
+                                      scheduler_config=dict(self.components.scheduler_config))
+        cn = self._raw('controlnet')
+        sampler = DaLPSRSampler(parts, cn, condition_mode=self.condition_mode, scale=self.scale, device=self.device,
+                                dtype=cn.dtype, vae_dtype=parts.vae.dtype, max_chunks=self.max_chunks,
+                                prepare_modules=False)
         b = lq.shape[0]
-        emb = self.encode_text(list(prompts) + [negative_prompt] * b)
-        cond2 = torch.cat([cond, cond])
-        for t in timesteps:
-            tt = torch.full((2 * b,), int(t), device=self.device, dtype=torch.long)
-            out = self.predict(torch.cat([x, x]), tt, emb, cond2, conditioning_scale)
-            pos, neg = out[:b], out[b:]
-            pred = neg + guidance_scale * (pos - neg)
-            x = sched.step(pred, t, x).prev_sample
-        return decode_latents(self._raw('vae'), x)
+        return sampler(lq.float().cpu(), list(prompts), negative_prompt=negative_prompt, num_steps=int(num_steps),
+                       guidance_scale=float(guidance_scale), scheduler='ddim', start='lr', start_step=int(start_step),
+                       conditioning_scale=float(conditioning_scale), seed=[int(seed) + i for i in range(b)],
+                       color_fix='none', start_noise=start_noise)
 
     @torch.no_grad()
     def validate(self, loader, step: int, writer=None) -> Dict[str, float]:
@@ -379,7 +370,7 @@ class DaLPSRModel(BaseModel):
                 prompts = self.compose_prompts(sub, training=False)
                 sr = self.sample(sub['lq'], prompts, int(v['num_steps']), float(v['guidance_scale']),
                                  str(v['negative_prompt'] or ''), float(v['conditioning_scale']), int(v['seed']),
-                                 int(v['start_step'])).cpu()
+                                 int(v['start_step']), str(v['start_noise'])).cpu()
                 gt = sub['gt'].float().cpu()
                 mse = ((sr - gt) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
                 psnrs += (10 * torch.log10(1 / mse)).tolist()

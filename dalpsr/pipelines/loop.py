@@ -9,9 +9,13 @@ Per batch of LR images (``lq`` [B,3,h,w] in [0,1] -> SR [B,3,h*scale,w*scale] in
    (text embeddings, ControlNet condition ``z_lr`` or ``x_pad``, image tokens, ...).
 3. :meth:`DenoisingLoop.denoise`: the start latent (``start``):
 
-   ``lr``             LR-embedded start (SeeSR; DaLPSR "LR images with initial noise"):
-                      ``x = sqrt(a_s) z_lr + sqrt(1-a_s) eps`` at ``start_step``, and only
-                      scheduler timesteps ``<= start_step`` are run;
+   ``lr``             LR-embedded start (SeeSR; DaLPSR "LR images with initial noise"): only
+                      scheduler timesteps ``<= start_step`` are run and
+                      ``x = sqrt(a_s) z_lr + sqrt(1-a_s) eps`` is noised to the level ``s`` of the
+                      first timestep run (``start_noise: first_step``; e.g. 981 for 50 DDPM steps
+                      with SD's leading spacing), or to ``start_step`` itself
+                      (``start_noise: start_step``: SeeSR's code, t=999, one level above the
+                      first step; the behaviour before issue 13.5);
    ``noise``          pure Gaussian noise (times the scheduler's ``init_noise_sigma``);
    ``noise_guidance`` DeeDSR: pure noise, and for the first ``noise_guidance_steps`` steps the
                       model output is replaced by ``eps = (x_t - sqrt(a_t) z_lr)/sqrt(1-a_t)``
@@ -49,6 +53,8 @@ from dalpsr.pipelines.tiling import TileOptions, blend_tiles, tiled_vae_decode, 
 from dalpsr.utils.color_fix import COLOR_FIX_MODES, color_fix as apply_color_fix
 
 START_MODES = ('lr', 'noise', 'noise_guidance')
+#: noise level of the LR-embedded start: the first timestep run, or start_step itself (SeeSR's code)
+START_NOISE = ('first_step', 'start_step')
 
 _DTYPES = {'fp32': torch.float32, 'float32': torch.float32, 'fp16': torch.float16, 'float16': torch.float16,
            'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16}
@@ -79,7 +85,7 @@ class SamplingSettings:
 
     num_steps: scheduler steps; scheduler: a name of :data:`dalpsr.pipelines.schedulers.SCHEDULERS`
     (or a diffusers class name); eta: DDIM's eta (0 deterministic; passed to every scheduler whose
-    ``step`` takes it); start / start_step / noise_guidance_steps: the start (module doc);
+    ``step`` takes it); start / start_step / start_noise / noise_guidance_steps: the start (module doc);
     guidance_scale: CFG weight (<= 1: no CFG, one branch); scheduler_overrides: extra scheduler
     config keys (e.g. ``{timestep_spacing: trailing}``); color_fix: adain | wavelet | none;
     tile: :class:`TileOptions` (or its mapping).
@@ -91,6 +97,7 @@ class SamplingSettings:
     start: str = 'lr'
     start_step: int = 999
     guidance_scale: float = 5.5
+    start_noise: str = 'first_step'
     noise_guidance_steps: int = 1
     scheduler_overrides: Optional[Dict[str, Any]] = None
     color_fix: str = 'adain'
@@ -100,6 +107,8 @@ class SamplingSettings:
         self.tile = TileOptions.from_opt(self.tile)
         if self.start not in START_MODES:
             raise ValueError(f"start must be one of {', '.join(START_MODES)}, got '{self.start}'")
+        if self.start_noise not in START_NOISE:
+            raise ValueError(f"start_noise must be one of {', '.join(START_NOISE)}, got '{self.start_noise}'")
         if self.color_fix not in COLOR_FIX_MODES:
             raise ValueError(f"color_fix must be one of {', '.join(COLOR_FIX_MODES)}, got '{self.color_fix}'")
         if not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool) or self.num_steps < 1:
@@ -129,7 +138,7 @@ class SamplingSettings:
     def check_scheduler_name(name: str) -> None:
         """``ValueError`` unless ``name`` is one of the offered schedulers."""
         if canonical_name(str(name)) not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler '{name}' (use one of {', '.join(SCHEDULERS)})")
+            raise ValueError(f"unknown '{name}' (use one of {', '.join(SCHEDULERS)})")
 
 
 @dataclass
@@ -161,11 +170,14 @@ class DenoisingLoop:
         scale: SR factor. pad_multiple: the upsampled image is padded to a multiple of this (64).
         device: where the VAE and the latents live. vae_dtype: VAE precision; a non-finite
             fp16/bf16 VAE result is recomputed in fp32 when ``vae_fp32_fallback``.
+        prepare_modules: freeze the VAE, ``eval()`` it and move/cast it (default); ``False``
+            uses it as it is (it must already be on ``device`` in ``vae_dtype``).
     """
 
     def __init__(self, vae, scheduler_config: Dict[str, Any], *, scale: int = 4,
                  device: Union[str, torch.device, None] = None, vae_dtype: Union[str, torch.dtype] = 'fp32',
-                 vae_fp32_fallback: bool = True, pad_multiple: int = 64, logger: Optional[logging.Logger] = None):
+                 vae_fp32_fallback: bool = True, pad_multiple: int = 64, logger: Optional[logging.Logger] = None,
+                 prepare_modules: bool = True):
         self.logger = logger or logging.getLogger('dalpsr')
         self.device = torch.device(device) if device is not None else (
             torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu'))
@@ -175,9 +187,10 @@ class DenoisingLoop:
         self.scheduler_config = dict(scheduler_config)
         self.scale = int(scale)
         self.pad_multiple = int(pad_multiple)
-        self.vae.requires_grad_(False)
-        self.vae.eval()
-        move_module(self.vae, self.device, self.vae_dtype)
+        if prepare_modules:
+            self.vae.requires_grad_(False)
+            self.vae.eval()
+            move_module(self.vae, self.device, self.vae_dtype)
         self.vae_scale = float(getattr(self.vae.config, 'scaling_factor', 0.18215))
         self.last_stats: Dict[str, Any] = {}
 
@@ -307,7 +320,9 @@ class DenoisingLoop:
                     sched.set_begin_index(keep[0])
         noise = torch.cat([torch.randn((1,) + tuple(z_lr.shape[1:]), generator=g) for g in gens]).to(self.device)
         if settings.start == 'lr':
-            a = acp[int(settings.start_step)]
+            level = int(timesteps[0]) if settings.start_noise == 'first_step' else int(settings.start_step)
+            self.last_stats['start_noise_t'] = level
+            a = acp[level]
             lat = (math.sqrt(a) * z_lr + math.sqrt(1 - a) * noise).float()
         else:
             lat = noise.float() * float(getattr(sched, 'init_noise_sigma', 1.0))
@@ -381,4 +396,4 @@ class DenoisingLoop:
 
 
 __all__ = ['DenoisingLoop', 'SamplingSettings', 'LRLatents', 'TileOptions', 'Conditions', 'Denoiser',
-           'START_MODES', 'parse_dtype', 'move_module']
+           'START_MODES', 'START_NOISE', 'parse_dtype', 'move_module']

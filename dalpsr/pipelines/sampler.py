@@ -81,10 +81,12 @@ class DaLPSRDenoiser(Denoiser):
         tt = t.expand(xin.shape[0])
         if self._mark_step:
             torch.compiler.cudagraph_mark_step_begin()
-        down, mid = self._cn_fn(xin, tt, encoder_hidden_states=emb, controlnet_cond=cin, conditioning_scale=scale,
-                                return_dict=False)
-        return self._unet_fn(xin, tt, encoder_hidden_states=emb, down_block_additional_residuals=down,
-                             mid_block_additional_residual=mid, return_dict=False)[0]
+        down, mid = self._cn_fn(xin, tt, encoder_hidden_states=emb.to(self.dtype), controlnet_cond=cin,
+                                conditioning_scale=scale, return_dict=False)
+        udt = self.unet.dtype  # the UNet may run in another precision than the ControlNet (training: frozen bf16)
+        return self._unet_fn(xin.to(udt), tt, encoder_hidden_states=emb.to(udt),
+                             down_block_additional_residuals=[d.to(udt) for d in down],
+                             mid_block_additional_residual=mid.to(udt), return_dict=False)[0]
 
 
 class DaLPSRSampler:
@@ -105,13 +107,15 @@ class DaLPSRSampler:
             mode) or a mode name (``'reduce-overhead'``: CUDA graphs, ``'max-autotune'``).
         max_chunks: 77-token chunks per prompt (long captions; C5).
         pad_multiple: the upsampled image is padded to a multiple of this many px.
+        prepare_modules: freeze, ``eval()`` and move/cast the networks (default). ``False`` uses
+            them as they are (validation inside training: the ControlNet is being trained).
     """
 
     def __init__(self, components, controlnet, *, condition_mode: Optional[str] = None, scale: int = 4,
                  device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype] = 'fp32',
                  vae_dtype: Union[str, torch.dtype, None] = None, vae_fp32_fallback: bool = True,
                  channels_last: bool = False, compile: Union[bool, str] = False, max_chunks: int = 3,
-                 pad_multiple: int = 64, logger: Optional[logging.Logger] = None):
+                 pad_multiple: int = 64, logger: Optional[logging.Logger] = None, prepare_modules: bool = True):
         self.logger = logger or logging.getLogger('dalpsr')
         self.device = torch.device(device) if device is not None else (
             torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu'))
@@ -133,14 +137,14 @@ class DaLPSRSampler:
         if condition_mode not in ('latent', 'image'):
             raise ValueError(f"condition_mode must be 'latent' or 'image', got '{condition_mode}'")
         self.condition_mode = condition_mode
-        for m in (self.unet, self.text_encoder, self.controlnet):
+        for m in (self.unet, self.text_encoder, self.controlnet) if prepare_modules else ():
             m.requires_grad_(False)
             m.eval()
             move_module(m, self.device, self.dtype)
         self.loop = DenoisingLoop(self.vae, dict(cfg), scale=scale, device=self.device,
                                   vae_dtype=parse_dtype(vae_dtype, self.dtype), vae_fp32_fallback=vae_fp32_fallback,
-                                  pad_multiple=pad_multiple, logger=self.logger)
-        if channels_last:
+                                  pad_multiple=pad_multiple, logger=self.logger, prepare_modules=prepare_modules)
+        if channels_last and prepare_modules:
             for m in (self.unet, self.controlnet, self.vae):
                 m.to(memory_format=torch.channels_last)
         self.denoiser = DaLPSRDenoiser(self.unet, self.controlnet, dtype=self.dtype, compile=compile)
@@ -220,7 +224,8 @@ class DaLPSRSampler:
                  seed: Union[int, Sequence[int]] = 0, tile: Union[None, Dict[str, Any], TileOptions] = None,
                  color_fix: str = 'adain', noise_guidance_steps: int = 1,
                  scheduler_overrides: Optional[Dict[str, Any]] = None, output: str = 'image',
-                 callback: Optional[Callable[[int, int], None]] = None, eta: float = 0.0) -> torch.Tensor:
+                 callback: Optional[Callable[[int, int], None]] = None, eta: float = 0.0,
+                 start_noise: str = 'first_step') -> torch.Tensor:
         """Super-resolve ``lq`` [B,3,h,w] in [0,1] -> [B,3,h*scale,w*scale] in [0,1] (float32, CPU).
 
         ``prompts``/``negative_prompt``/``seed``: one value for all images or one per image.
@@ -234,7 +239,7 @@ class DaLPSRSampler:
             raise ValueError(f'lq must be a [B, 3, h, w] tensor, got '
                              f'{tuple(lq.shape) if isinstance(lq, torch.Tensor) else type(lq).__name__}')
         settings = SamplingSettings(num_steps=num_steps, scheduler=scheduler, eta=eta, start=start,
-                                    start_step=start_step, guidance_scale=guidance_scale,
+                                    start_step=start_step, start_noise=start_noise, guidance_scale=guidance_scale,
                                     noise_guidance_steps=noise_guidance_steps,
                                     scheduler_overrides=scheduler_overrides, color_fix=color_fix, tile=tile)
         b = lq.shape[0]

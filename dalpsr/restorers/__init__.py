@@ -10,7 +10,7 @@ import importlib
 
 from dalpsr.utils.registry import RESTORER_REGISTRY
 
-_MODULES = ['base', 'realdat']
+_MODULES = ['base', 'dalpsr_diffusion', 'sspir', 'deedsr', 'realdat']
 
 for _m in _MODULES:
     importlib.import_module(f'{__name__}.{_m}')

@@ -31,12 +31,25 @@ class Restorer:
         scale: the SR factor.
         needs: which prompts test.py must prepare before ``restore`` is called: a subset of
             ``('caption', 'restoration')`` (semantic caption / IRPAD restoration prompt).
-        last_stats: filled by every ``restore`` call; test.py copies it into each image's record
-            (e.g. ``{'encode_s': .., 'denoise_s': .., 'decode_s': .., 'unet_calls': ..}``).
+        last_stats: filled by every ``restore`` call; test.py copies it into each image's record:
+            numbers (e.g. ``{'encode_s': .., 'denoise_s': .., 'decode_s': .., 'unet_calls': ..}``;
+            times of the batch, divided by the batch size), ``notes`` (a list of strings added
+            to every image's notes) and ``per_image`` (a list of B dicts merged into the records
+            of the images, e.g. ``{'prompt': ...}``).
+        option_blocks: top-level blocks of the test options this restorer reads, from
+            ``('model', 'sampler')``; test.py resolves each with its defaults and passes it to the
+            constructor as a keyword argument of the same name (and refuses a block given for a
+            method that does not read it). The constructor also gets ``device`` (a resolved name).
     """
 
     scale: int = 4
     needs: Tuple[str, ...] = ()
+    option_blocks: Tuple[str, ...] = ()
+
+    @classmethod
+    def check_options(cls, opt: Dict[str, Any], src: str) -> None:
+        """Check the resolved test options before anything is loaded; raise
+        ``dalpsr.utils.options.OptionError`` with one line naming the key and ``src``."""
 
     def __init__(self) -> None:
         self.last_stats: Dict[str, Any] = {}

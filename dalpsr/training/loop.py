@@ -22,7 +22,8 @@ def train(opt: Dict[str, Any]) -> Dict[str, Any]:
 
     Returns ``{'exp_dir': Path, 'step': int, 'losses': [mean loss of each step of this
     session], 'val': last validation metrics, 'model': the model, 'checkpoint': last path,
-    'export': export folder or None, 'accelerator', 'ema'}``.
+    'export': export folder or None, 'accelerator', 'ema', 'stopped_by': the signal that
+    stopped the run ('SIGINT', 'SIGTERM', 'SIGUSR1') or None}``.
     """
     run = setup_accelerator(opt)                  # options checked, Accelerate, folder decided
     ts = build_training_state(run)                # data, model, optimizer, scheduler, EMA

@@ -37,7 +37,8 @@ class TrainingState:
 def build_dataset_for(opt: Dict[str, Any], phase: str, seed: int) -> Tuple[Any, Dict[str, Any]]:
     """``datasets.<phase>`` built from its registry entry; returns the dataset and the loop's
     loader keys of that block (``batch_size`` / ``num_workers``). A dataset whose constructor
-    takes ``seed`` gets the run's seed unless the block sets its own."""
+    takes ``seed`` gets the run's seed unless the block sets its own. A bad key or value inside
+    the block (also in its sub-blocks) raises :class:`OptionError` naming the block."""
     from dalpsr.data import build_dataset
     from dalpsr.utils.registry import DATASET_REGISTRY
     src = opt.get('_source', 'the options')
@@ -50,7 +51,14 @@ def build_dataset_for(opt: Dict[str, Any], phase: str, seed: int) -> Tuple[Any, 
                 cfg['seed'] = seed
         except (KeyError, TypeError, ValueError):
             pass
-    ds = build_dataset(cfg, where=f'datasets.{phase} in {src}')
+    try:
+        ds = build_dataset(cfg, where=f'datasets.{phase} in {src}')
+    except OptionError:
+        raise
+    except (ValueError, TypeError) as err:  # a bad key or value inside a sub-block (prompt:, degradation:)
+        if isinstance(err, TypeError) and 'unexpected keyword argument' not in str(err):
+            raise
+        raise OptionError(f'datasets.{phase} in {src}: {err}') from err
     return ds, loader_cfg
 
 

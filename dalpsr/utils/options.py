@@ -13,7 +13,6 @@ naming the key and the file.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import difflib
 import os
@@ -28,7 +27,7 @@ TOP_LEVEL_KEYS = {
     'name', 'model', 'manual_seed', 'num_gpu', 'is_train', 'datasets', 'network', 'networks',
     'path', 'train', 'val', 'logger', 'dist', 'degradation', 'prompt', 'sampler', 'test',
     'metrics', 'captioner', 'irpad', 'sd', 'tile', 'color_fix', 'accelerate', 'output',
-    'imports', 'seed',
+    'imports', 'seed', 'method',
 }
 
 
@@ -147,22 +146,6 @@ def load_options(path: str, overrides: Optional[List[str]] = None, is_train: boo
     opt.setdefault('manual_seed', 0)
     if not isinstance(opt['manual_seed'], int):
         raise OptionError(f"'manual_seed' must be an integer in {path}, got {opt['manual_seed']!r}")
-    return opt
-
-
-def parse_options(is_train: bool = True, argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Command-line entry used by train.py / test.py."""
-    parser = argparse.ArgumentParser(description='dalpsr ' + ('training' if is_train else 'testing'))
-    parser.add_argument('-opt', '--opt', required=True, help='path to the options YAML file')
-    parser.add_argument('--set', action='append', default=[], metavar='KEY.SUB=VALUE',
-                        help='override an option (repeatable), e.g. --set train.total_iter=100')
-    parser.add_argument('--resume', choices=['auto', 'no'], default='auto',
-                        help='training: resume from the latest checkpoint of this experiment (default auto)')
-    parser.add_argument('--force', action='store_true',
-                        help='an existing experiment/result folder is renamed with a timestamp and a fresh run starts')
-    args = parser.parse_args(argv)
-    opt = load_options(args.opt, args.set, is_train=is_train)
-    opt['_args'] = {'resume': args.resume, 'force': args.force, 'overrides': list(args.set)}
     return opt
 
 

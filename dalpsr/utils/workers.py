@@ -19,7 +19,9 @@ def worker_pool(workers: int, initializer, initargs: tuple, threads: int = 1) ->
     ``initializer(*initargs)`` runs in each child first.
     """
     import multiprocessing as mp
+
     import cv2
+    import torch  # noqa: F401 - loaded once here: forked workers inherit it (each would import it again: seconds)
     method = 'fork' if 'fork' in mp.get_all_start_methods() else 'spawn'
     prev = cv2.getNumThreads()
     if threads > 0:
