@@ -11,7 +11,7 @@
    recorded parameters, labels and restoration prompt) via scripts/generate_lq.py, and prints
    the label histogram per degradation type and example prompts.
 2. Super-resolves shipped photos (degraded x4, never seen in training) with the DePLSR model
-   trained on a CPU that ships in weights/deplsr_cpu_x4 (scripts/demo_deplsr.py): a real
+   trained on a CPU that ships in pretrained_models/deplsr_cpu_x4 (scripts/demo_deplsr.py): a real
    restoration on any machine, with PSNR-Y against the HR next to bicubic.
 3. Runs dalpsr/test.py on shipped LR images through scripts/demo_sr.py: with the real SD 2.1-base
    weights when they are under pretrained_models/ (or in the HF cache), otherwise it prints what
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     if args.no_sr:
         return 0
     print('\n[2/3] real super-resolution of shipped photos with the CPU-trained DePLSR model '
-          '(weights/deplsr_cpu_x4)', flush=True)
+          '(pretrained_models/deplsr_cpu_x4)', flush=True)
     rc = _script('demo_deplsr').main(['--out', os.path.join(args.out, 'deplsr'), '--seed', str(args.seed)])
     if rc or args.no_diffusion:
         return rc

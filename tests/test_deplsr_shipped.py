@@ -1,4 +1,4 @@
-"""The CPU-trained DePLSR model shipped in weights/deplsr_cpu_x4 loads through the restorer and
+"""The CPU-trained DePLSR model shipped in pretrained_models/deplsr_cpu_x4 loads through the restorer and
 restores the shipped photos (none of them a training photo) better than bicubic on average: PSNR-Y
 against their own HR after the Real-ESRGAN degradation (three fixed degradations each)."""
 from pathlib import Path
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dalpsr.models.realdat_model import psnr_y
 from dalpsr.restorers import build_restorer
 
-WEIGHTS = Path(__file__).resolve().parents[1] / 'weights' / 'deplsr_cpu_x4'
+WEIGHTS = Path(__file__).resolve().parents[1] / 'pretrained_models' / 'deplsr_cpu_x4'
 
 
 def test_shipped_realdat_beats_bicubic(sample_paths):

@@ -26,7 +26,7 @@ def test_testpy_runs_the_shipped_deplsr_over_odd_images(tmp_path, sample_paths):
     opt = load_options(str(REPO / 'options' / 'test' / 'test_deplsr_cpu.yml'), is_train=False, overrides=[
         f'path.results_root={tmp_path / "results"}', f'datasets.demo.dataroot_lq={lq}', 'datasets.demo.dataroot_gt=null',
         'method.tile=24', 'method.tile_overlap=4'])
-    opt['method']['weights'] = str(REPO / 'weights' / 'deplsr_cpu_x4')
+    opt['method']['weights'] = str(REPO / 'pretrained_models' / 'deplsr_cpu_x4')
     res = test(opt)
     d = res['dir'] / 'demo'
     recs = {r['key']: r for r in map(json.loads, (d / 'records.jsonl').read_text().splitlines())}
