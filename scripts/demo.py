@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     rc = _script('demo_deplsr').main(['--out', os.path.join(args.out, 'deplsr'), '--seed', str(args.seed)])
     if rc or args.no_diffusion:
         return rc
-    print(f'\n[3/3] diffusion super-resolution of shipped images with dalpsr/test.py', flush=True)
+    print('\n[3/3] diffusion super-resolution of shipped images with dalpsr/test.py', flush=True)
     return _script('demo_sr').main(['--results-root', os.path.join(args.out, 'sr')])
 
 

@@ -12,8 +12,6 @@ both against the GT). A real, trained model: no download, a few seconds per imag
 Reruns overwrite nothing: finished images are kept.
 """
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path

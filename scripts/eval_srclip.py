@@ -17,7 +17,6 @@ Prints a table and writes ``--out``/metrics.json (atomic; an existing file is re
 --overwrite). Exit status: 0 done, 2 bad input (one-line message).
 """
 import argparse
-import json
 import os
 import sys
 

@@ -213,7 +213,7 @@ def test_lr_cache_deterministic_across_workers_and_refuses_overwrite(tmp_path):
 def test_lr_cache_with_measured_noise_labels_and_stale_build_blocks(tmp_path):
     """A measured-noise spec switches the measurement on; an existing file whose options differ
     from its build: block (other labels, other seed) is refused instead of silently used."""
-    from dalpsr.data.lr_cache import CachedLRDataset, build_lr_cache
+    from dalpsr.data.lr_cache import CachedLRDataset
     from dalpsr.data.prompt_labels import PromptSpec
     build = {'hr': 'sample:val', 'num_samples': 4, 'gt_size': 64, 'seed': 2, 'progress': False,
              'prompt': {'noise_severity': 'measured'}}

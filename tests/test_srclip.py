@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalpsr.archs.srclip_arch import SRCLIP, SRCLIPLite
+from dalpsr.archs.srclip_arch import SRCLIP
 from dalpsr.data.deplsr_degradation import (DePLSRDegradation, EVAL_CLASSES, TYPES, captions_from_params,
                                             class_captions)
 from dalpsr.losses.siglip_loss import SigLIPLoss

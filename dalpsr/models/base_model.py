@@ -24,10 +24,30 @@ model with extra state registers it with ``accelerator.register_for_checkpointin
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List
+import copy
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from dalpsr.utils.experiment import merge_defaults
+from dalpsr.utils.options import check_keys
+
+
+def resolve_model_block(opt: Dict[str, Any], defaults: Dict[str, Any],
+                        nested: Sequence[str] = ()) -> Tuple[Dict[str, Any], str]:
+    """The ``model:`` block of ``opt`` (without ``type``) checked against ``defaults`` and filled
+    with them: a top-level key replaces its default, each key of ``nested`` is a sub-block merged
+    key by key. Returns ``(cfg, src)`` (``src``: the options file, for messages). An unknown key,
+    at the top or in a nested block, raises ``OptionError`` naming it and the file."""
+    src = opt.get('_source', 'the options')
+    mopt = {k: v for k, v in opt['model'].items() if k != 'type'}
+    check_keys(mopt, defaults, f'model block of {src}')
+    cfg = copy.deepcopy(defaults)
+    cfg.update({k: copy.deepcopy(v) for k, v in mopt.items() if k not in nested})
+    for key in nested:
+        cfg[key] = merge_defaults(defaults[key], mopt.get(key), f'model.{key} in {src}')
+    return cfg, src
 
 
 class BaseModel:

@@ -17,17 +17,16 @@ The training loop is dalpsr/train.py (Accelerate: mixed precision, accumulation,
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalpsr.models.base_model import BaseModel
+from dalpsr.models.base_model import BaseModel, resolve_model_block
 from dalpsr.utils.misc import sample_rng
 from dalpsr.utils.options import OptionError, check_keys
 from dalpsr.utils.registry import MODEL_REGISTRY
@@ -74,14 +73,6 @@ def match_patterns(name: str, patterns: Sequence[str]) -> bool:
     return False
 
 
-def _merge(defaults: Dict[str, Any], block: Optional[Dict[str, Any]], where: str) -> Dict[str, Any]:
-    out = copy.deepcopy(defaults)
-    if block:
-        check_keys(block, defaults, where)
-        out.update(copy.deepcopy(block))
-    return out
-
-
 @MODEL_REGISTRY.register()
 class DaLPSRModel(BaseModel):
     """ControlNet (+ optional trainable SD parts) on Stable Diffusion; see the module docstring.
@@ -99,15 +90,7 @@ class DaLPSRModel(BaseModel):
         from dalpsr.archs.sd_components import load_sd_components, parse_dtype
         from dalpsr.data.prompt_compose import PromptComposer
 
-        src = opt.get('_source', 'the options')
-        mopt = dict(opt['model'])
-        mopt.pop('type', None)
-        check_keys(mopt, DEFAULTS, f'model block of {src}')
-        cfg = copy.deepcopy(DEFAULTS)
-        cfg.update({k: v for k, v in copy.deepcopy(mopt).items() if k not in ('controlnet', 'text', 'val')})
-        cfg['controlnet'] = _merge(DEFAULTS['controlnet'], mopt.get('controlnet'), f'model.controlnet in {src}')
-        cfg['text'] = _merge(DEFAULTS['text'], mopt.get('text'), f'model.text in {src}')
-        cfg['val'] = _merge(DEFAULTS['val'], mopt.get('val'), f'model.val in {src}')
+        cfg, src = resolve_model_block(opt, DEFAULTS, nested=('controlnet', 'text', 'val'))
         self.cfg = cfg
         if cfg['restoration_prompt_source'] not in RESTORATION_SOURCES:
             raise OptionError(f"model.restoration_prompt_source must be one of {RESTORATION_SOURCES} in {src}, "

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalpsr.archs.deedsr_learner_arch import DegradationResNet, MoCoEncoder, save_degradation_learner
-from dalpsr.models.base_model import BaseModel
+from dalpsr.models.base_model import BaseModel, resolve_model_block
 from dalpsr.utils.misc import sample_rng
 from dalpsr.utils.options import OptionError, check_keys
 from dalpsr.utils.registry import MODEL_REGISTRY
@@ -96,12 +96,7 @@ class MoCoDegradationModel(BaseModel):
 
     def __init__(self, opt: Dict[str, Any], accelerator=None):
         super().__init__(opt, accelerator)
-        src = opt.get('_source', 'the options')
-        mopt = dict(opt['model'])
-        mopt.pop('type', None)
-        check_keys(mopt, DEFAULTS, f'model block of {src}')
-        cfg = copy.deepcopy(DEFAULTS)
-        cfg.update(copy.deepcopy(mopt))
+        cfg, src = resolve_model_block(opt, DEFAULTS)
         net = dict(cfg['network'] or {})
         check_keys(net, NETWORK_KEYS, f'model.network in {src}')
         if net.pop('type', 'DegradationResNet') != 'DegradationResNet':

@@ -32,7 +32,6 @@ tensors) + the learner (``degradation_learner.*``); :func:`load_deedsr` rebuilds
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalpsr.models.base_model import BaseModel
+from dalpsr.models.base_model import BaseModel, resolve_model_block
 from dalpsr.utils.options import OptionError, check_keys
 from dalpsr.utils.registry import MODEL_REGISTRY
 
@@ -191,18 +190,7 @@ class DeeDSRModel(BaseModel):
         from dalpsr.archs.deedsr_learner_arch import load_degradation_learner
         from dalpsr.archs.sd_components import parse_dtype
         from dalpsr.models.dalpsr_model import match_patterns
-        src = opt.get('_source', 'the options')
-        mopt = dict(opt['model'])
-        mopt.pop('type', None)
-        check_keys(mopt, DEFAULTS, f'model block of {src}')
-        cfg = copy.deepcopy(DEFAULTS)
-        cfg.update({k: v for k, v in copy.deepcopy(mopt).items() if k not in ('adapter', 'val')})
-        for key in ('adapter', 'val'):
-            block = dict(DEFAULTS[key])
-            if mopt.get(key):
-                check_keys(mopt[key], DEFAULTS[key], f'model.{key} in {src}')
-                block.update(mopt[key])
-            cfg[key] = block
+        cfg, src = resolve_model_block(opt, DEFAULTS, nested=('adapter', 'val'))
         self.cfg = cfg
         if not cfg['learner']:
             raise OptionError(f'model.learner in {src}: the stage-1 degradation learner (its export folder) is required')

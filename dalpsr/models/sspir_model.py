@@ -20,18 +20,18 @@ Options: the ``model:`` block, every key in options/reference/sspir.yml.
 """
 from __future__ import annotations
 
-import copy
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalpsr.models.base_model import BaseModel
+from dalpsr.models.base_model import BaseModel, resolve_model_block
+from dalpsr.utils.experiment import merge_defaults
 from dalpsr.utils.misc import sample_rng
-from dalpsr.utils.options import OptionError, check_keys
+from dalpsr.utils.options import OptionError
 from dalpsr.utils.registry import MODEL_REGISTRY
 
 logger = logging.getLogger('dalpsr')
@@ -73,12 +73,6 @@ def multiscale_losses(rgbs: Sequence[torch.Tensor], gt: torch.Tensor) -> Tuple[t
     return l1, ff
 
 
-def _merge(defaults, block, where):
-    out = copy.deepcopy(defaults)
-    if block:
-        check_keys(block, defaults, where)
-        out.update(copy.deepcopy(block))
-    return out
 
 
 def _place(module: nn.Module, device, dtype) -> None:
@@ -113,15 +107,8 @@ class SSPIRModel(BaseModel):
         from dalpsr.archs.sd_components import load_sd_components, parse_dtype
         from dalpsr.archs.sspir_arch import (ARCH_DEFAULTS, CLIPImagePrior, build_sspir_networks, load_clip_vision,
                                              load_export_weights, load_trainable_state_dict, read_export_meta)
-        src = opt.get('_source', 'the options')
-        mopt = dict(opt['model'])
-        mopt.pop('type', None)
-        check_keys(mopt, DEFAULTS, f'model block of {src}')
-        cfg = copy.deepcopy(DEFAULTS)
-        cfg.update({k: copy.deepcopy(v) for k, v in mopt.items() if k not in ('clip', 'text', 'loss', 'val')})
-        for k in ('clip', 'text', 'loss', 'val'):
-            cfg[k] = _merge(DEFAULTS[k], mopt.get(k), f'model.{k} in {src}')
-        cfg['arch'] = _merge(ARCH_DEFAULTS, cfg['arch'], f'model.arch in {src}')
+        cfg, src = resolve_model_block(opt, DEFAULTS, nested=('clip', 'text', 'loss', 'val'))
+        cfg['arch'] = merge_defaults(ARCH_DEFAULTS, cfg['arch'], f'model.arch in {src}')
         if not 0 <= float(cfg['caption_dropout']) <= 1:
             raise OptionError(f"model.caption_dropout must be in [0, 1] in {src}, got {cfg['caption_dropout']!r}")
         if cfg['attention'] not in ('sdpa', 'default'):
