@@ -352,6 +352,48 @@ def _test_node_exists(node: str) -> bool:
     return True
 
 
+#: inline ``key:`` spans of the docs that are not options keys, with where they are.
+NOT_OPTION_KEYS = {'metric': 'docs/metrics.md: "`metric: message`", the text iqa.py appends to a reason cell'}
+_KEY_SPAN = re.compile(r'(?<!`)`([a-z_][a-z0-9_]*):(?: [^`\n]*)?`(?!`)')
+
+
+def _option_keys() -> set:
+    """Every key, at any depth, of every options file (the reference files document them all)."""
+    import yaml
+    keys: set = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                keys.add(str(k))
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    for path in glob.glob(os.path.join(REPO, 'options', '**', '*.yml'), recursive=True):
+        with open(path, encoding='utf-8') as f:
+            for doc in yaml.safe_load_all(f):
+                walk(doc)
+    return keys
+
+
+def test_option_keys_named_in_the_docs_exist():
+    """An inline `key:` or `key: value` in the prose names a key of some options file
+    (README once said `plugins:` for `imports:`, and `logger:` for a block that does not exist)."""
+    keys = _option_keys() | set(NOT_OPTION_KEYS)
+    bad = []
+    for rel in DOC_FILES:
+        fenced = False
+        for i, raw in enumerate(open(os.path.join(REPO, rel), encoding='utf-8').read().splitlines(), 1):
+            if raw.strip().startswith('```'):
+                fenced = not fenced
+                continue
+            if not fenced:
+                bad += [f'{rel}:{i}: {m.group(0)} is no key of any options file'
+                        for m in _KEY_SPAN.finditer(raw) if m.group(1) not in keys]
+    assert not bad, '\n' + '\n'.join(bad)
+
+
 def test_every_table_row_is_used_and_every_test_node_exists():
     used = {row[0] for cmd in COMMANDS for _, row in _classify(cmd)}
     unused = [p for p, _ in RUN_BY_TEST + PARSE_ONLY if p not in used]
