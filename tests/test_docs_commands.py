@@ -6,7 +6,6 @@ row of the tables below:
 
 - ``RUN_BY_TEST``: a test that runs the command's script/options at tiny scale (the test checks that
   the node id exists);
-- ``RUN_HERE``: cheap commands run here in a temporary folder (paths rewritten);
 - ``PARSE_ONLY``: commands that need real weights, a GPU, real datasets, the network or a long CPU
   run, with the reason.
 
@@ -14,7 +13,10 @@ Whatever the row, every ``python``/``accelerate`` command is parse-checked here 
 the script exists, its argument parser accepts exactly the documented arguments (``accelerate launch``
 arguments by accelerate's own parser), every ``-opt``/``--opt`` file exists and loads with
 ``dalpsr.utils.options.load_options`` with the command's ``--set`` overrides, and for ``dalpsr/train.py``
-and ``dalpsr/test.py`` the options pass the same checks the scripts run before building anything.
+and ``dalpsr/test.py`` the options pass the same checks the scripts run before building anything
+(generate_lq.py: its degradation is built from ``-opt``/``--block``/``--set``); an ``experiments/<name>/``
+argument names the experiment of an options file. (No command is run here: on the shared 2-core
+machine even the cheapest, ``make_tiny_sd.py`` or 48 triplets, takes about a minute.)
 A command that no row matches fails with one line naming the file, the line and the command.
 """
 from __future__ import annotations
@@ -250,6 +252,12 @@ def _check_options(script: str, ns: argparse.Namespace) -> None:
     """``-opt`` files exist and load with their ``--set``; train.py/test.py options pass the scripts' checks."""
     from dalpsr.utils.options import load_options
     path = getattr(ns, 'opt', None)
+    if script == 'scripts/generate_lq.py':  # its -opt/--block/--set give the degradation: build it
+        from dalpsr.data.degradations import RealESRGANDegradation
+        from tests.script_loader import load_script
+        opt = load_script('generate_lq').load_opt(path and os.path.join(REPO, path), ns.set, ns.block)
+        RealESRGANDegradation(**opt['degradation'])
+        return
     if not path:
         return
     for key, val in PLACEHOLDERS.items():
@@ -261,13 +269,11 @@ def _check_options(script: str, ns: argparse.Namespace) -> None:
         from dalpsr.training.options import TOP_KEYS, check_train_options, resolve_train_opt
         opt = load_options(full, overrides, is_train=True, top_keys=TOP_KEYS)
         check_train_options(opt)
-        resolve_train_opt(opt)
+        from dalpsr.utils.ema import ModelEMA
+        ModelEMA.from_opt(resolve_train_opt(opt)['ema'], {})  # docs set train.ema.* from the command line
     elif script == 'dalpsr/test.py':
         from dalpsr.inference.options import resolve_test_opt
         resolve_test_opt(load_options(full, overrides, is_train=False))
-    elif script == 'scripts/generate_lq.py':
-        from dalpsr.utils.options import load_yaml
-        load_yaml(full)  # a training options file: its --block is checked by generate_lq's own test
     else:
         load_options(full, [] if script == 'scripts/iqa.py' else overrides, is_train=False)
 
@@ -283,7 +289,7 @@ def _script_and_args(cmd: DocCommand) -> Tuple[Optional[str], Optional[str], Lis
             try:
                 ns = launch_command_parser().parse_args(argv[2:])
             except SystemExit:
-                raise AssertionError(f'accelerate launch refuses: {err.getvalue().strip()}') from None
+                raise AssertionError(f'accelerate launch refuses: {err.getvalue().strip().splitlines()[-1]}') from None
         return ns.training_script, None, list(ns.training_script_args)
     if argv[1] == '-m':
         return None, argv[2], argv[3:]
