@@ -139,10 +139,11 @@ RUN_BY_TEST: List[Tuple[str, str]] = [
     (r'^python dalpsr/train\.py -opt options/train/train_deedsr_stage2_tiny\.yml$',
      'tests/test_deedsr_stage2.py::test_stage2_loss_falls_and_resume_is_exact'),
     (r'^python dalpsr/train\.py -opt options/train/train_caption_align_tiny\.yml$',
-     'tests/test_caption_align.py'),
+     'tests/test_caption_align.py::test_alignment_reduces_the_lr_hr_feature_gap_and_export_plugs_into_llava'),
     (r'^python dalpsr/test\.py -opt options/test/test_dalpsr_tiny\.yml',
      'tests/test_test_script.py::test_messy_folder_outputs_rules_prompts_and_metrics'),
-    (r'^python dalpsr/test\.py -opt options/test/test_bicubic\.yml', 'tests/test_inference_feed_forward.py'),
+    (r'^python dalpsr/test\.py -opt options/test/test_bicubic\.yml',
+     'tests/test_inference_feed_forward.py::test_bicubic_options_file_runs_from_the_command_line'),
     (r'^python scripts/generate_lq\.py --hr sample:val --out datasets/val_triplets --num 16 --seed 1$',
      'tests/test_generate_lq.py::test_same_bytes_whatever_the_workers'),
     (r'^python scripts/generate_lq\.py --hr sample:train --out /tmp/glw[12] --num 48 --workers [12]$',
@@ -156,8 +157,8 @@ RUN_BY_TEST: List[Tuple[str, str]] = [
      'tests/test_accelerate_multiproc.py::test_two_process_cpu_run'),
     (r'^python scripts/iqa\.py -opt options/test/iqa_example\.yml', 'tests/test_iqa.py::test_cli_flags_and_options_file'),
     (r'^python scripts/iqa\.py --sr results/ours/RealSR --gt datasets/RealSR/HR --out ',
-     'tests/test_iqa.py::test_outputs_record_options_and_refuse_overwrite'),
-    (r'^python scripts/eval_srclip\.py ', 'tests/test_srclip.py::test_retrieval_accuracy_and_chance'),
+     'tests/test_iqa.py::test_cli_flags_and_options_file'),
+    (r'^python scripts/eval_srclip\.py ', 'tests/test_srclip.py::test_tiny_srclip_training_loss_falls_and_exports'),
 ]
 
 #: command pattern -> why it is only parse-checked here.
