@@ -234,7 +234,8 @@ def _parse_script(script: str, args: List[str], module: Optional[str] = None) ->
     err = io.StringIO()
     target = module or os.path.join(REPO, script)
     with mock.patch.object(argparse.ArgumentParser, 'parse_args', parse_then_stop), \
-            mock.patch.object(sys, 'argv', [target] + list(args)), contextlib.redirect_stderr(err):
+            mock.patch.object(sys, 'argv', [target] + list(args)), mock.patch.object(sys, 'path', list(sys.path)), \
+            contextlib.redirect_stderr(err):
         try:
             if module:
                 runpy.run_module(module, run_name='__main__', alter_sys=False)
