@@ -1,7 +1,8 @@
 """Every shell command shown in README.md and docs/*.md is accounted for (issue 13 item 9).
 
 The commands are the ``python`` / ``accelerate`` / ``bash`` lines of the fenced code blocks (continuation
-lines joined, ``&&`` chains split, trailing ``# comments`` dropped). Each one must match exactly one
+lines joined, ``&&`` chains split, trailing ``# comments`` dropped) and the inline code spans of the prose
+that start with one of them and name a script. Each one must match exactly one
 row of the tables below:
 
 - ``RUN_BY_TEST``: a test that runs the command's script/options at tiny scale (the test checks that
@@ -260,6 +261,12 @@ def _check_options(script: str, ns: argparse.Namespace) -> None:
         opt = load_script('generate_lq').load_opt(path and os.path.join(REPO, path), ns.set, ns.block)
         RealESRGANDegradation(**opt['degradation'])
         return
+    if script == 'scripts/iqa.py':  # the file, --set and the flags merged as iqa.py merges them
+        from tests.script_loader import load_script
+        from dalpsr.metrics.specs import expand_metric_names
+        kw = load_script('iqa').resolve(argparse.Namespace(**{**vars(ns), 'opt': path and os.path.join(REPO, path)}))
+        expand_metric_names(kw['metrics'])  # every metric or preset name is known
+        return
     if not path:
         return
     for key, val in PLACEHOLDERS.items():
@@ -277,7 +284,7 @@ def _check_options(script: str, ns: argparse.Namespace) -> None:
         from dalpsr.inference.options import resolve_test_opt
         resolve_test_opt(load_options(full, overrides, is_train=False))
     else:
-        load_options(full, [] if script == 'scripts/iqa.py' else overrides, is_train=False)
+        load_options(full, overrides, is_train=False)
 
 
 def _script_and_args(cmd: DocCommand) -> Tuple[Optional[str], Optional[str], List[str]]:
