@@ -251,6 +251,28 @@ def _parse_script(script: str, args: List[str], module: Optional[str] = None) ->
     raise AssertionError(f'{script or module}: ran to the end without parsing its arguments')
 
 
+def _full_parse(script: str, args: List[str]) -> None:
+    """A script of scripts/ or benchmarks/ with a module-level ``parse_args(argv)`` checks more after argparse
+    (caption.py: --input/--out required, -opt keys, presets): call it."""
+    if not script.startswith(('scripts/', 'benchmarks/')):
+        return
+    with open(os.path.join(REPO, script), encoding='utf-8') as f:
+        tree = ast.parse(f.read())
+    if not any(isinstance(n, ast.FunctionDef) and n.name == 'parse_args' for n in tree.body):
+        return
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f'_doccmd_{os.path.basename(script)[:-3]}', os.path.join(REPO, script))
+    mod = importlib.util.module_from_spec(spec)
+    err = io.StringIO()
+    with mock.patch.object(sys, 'path', list(sys.path)), contextlib.redirect_stderr(err):
+        spec.loader.exec_module(mod)
+        try:
+            mod.parse_args(list(args))
+        except SystemExit as ex:
+            msg = err.getvalue().strip().splitlines()
+            raise AssertionError(f'{script}: parse_args refuses (exit {ex.code}): {msg[-1] if msg else ""}') from None
+
+
 def _check_options(script: str, ns: argparse.Namespace) -> None:
     """``-opt`` files exist and load with their ``--set``; train.py/test.py options pass the scripts' checks."""
     from dalpsr.utils.options import load_options
@@ -438,9 +460,11 @@ def test_command_parses(cmd):
         args = [a for a in args]
         if script is not None:
             assert os.path.isfile(os.path.join(REPO, script)), f'{script} does not exist'
-        ns = _parse_script(script, args, module)
-        if script is not None:
-            _check_options(script, ns)
+        with contextlib.chdir(REPO):  # the docs' paths are relative to the repository root
+            ns = _parse_script(script, args, module)
+            if script is not None:
+                _full_parse(script, args)
+                _check_options(script, ns)
         _check_experiment_paths(cmd)
     except Exception as err:  # noqa: BLE001 - one line naming the doc line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
