@@ -7,6 +7,7 @@ row of the tables below:
 
 - ``RUN_BY_TEST``: a test that runs the command's script/options at tiny scale (the test checks that
   the node id exists);
+- ``RUN_HERE``: cheap commands (seconds) run by a test of this file in a temporary folder;
 - ``PARSE_ONLY``: commands that need real weights, a GPU, real datasets, the network or a long CPU
   run, with the reason.
 
@@ -16,8 +17,8 @@ arguments by accelerate's own parser), every ``-opt``/``--opt`` file exists and 
 ``dalpsr.utils.options.load_options`` with the command's ``--set`` overrides, and for ``dalpsr/train.py``
 and ``dalpsr/test.py`` the options pass the same checks the scripts run before building anything
 (generate_lq.py: its degradation is built from ``-opt``/``--block``/``--set``); an ``experiments/<name>/``
-argument names the experiment of an options file. (No command is run here: on the shared 2-core
-machine even the cheapest, ``make_tiny_sd.py`` or 48 triplets, takes about a minute.)
+argument names the experiment of an options file. (Few commands are cheap enough to run here: on the
+shared 2-core machine even ``make_tiny_sd.py`` or 48 triplets take about a minute.)
 A command that no row matches fails with one line naming the file, the line and the command.
 """
 from __future__ import annotations
@@ -162,6 +163,11 @@ RUN_BY_TEST: List[Tuple[str, str]] = [
     (r'^python scripts/eval_srclip\.py ', 'tests/test_srclip.py::test_tiny_srclip_training_loss_falls_and_exports'),
 ]
 
+#: command pattern -> name of the test below that runs it here (paths rewritten to a temporary folder).
+RUN_HERE: List[Tuple[str, str]] = [
+    (r'^python dalpsr/train\.py -opt options/reference/train\.yml$', 'test_reference_train_options_run_as_documented'),
+]
+
 #: command pattern -> why it is only parse-checked here.
 GPU = 'needs a GPU'
 SD = 'needs the real Stable Diffusion 2.1-base weights (and a trained ControlNet) under pretrained_models/'
@@ -195,8 +201,6 @@ PARSE_ONLY: List[Tuple[str, str]] = [
     (r'^python dalpsr/train\.py -opt options/train/train_deedsr_stage1_cpu\.yml', LONG + ' (DeeDSR stage 1 on photos)'),
     (r'^python scripts/probe_degradation_encoder\.py ', 'needs the export of the DeeDSR stage-1 CPU recipe'),
     (r'^python dalpsr/train\.py -opt options/train/train_(srclip|realdat|dat)_cpu\.yml', LONG + ' (DePLSR recipes)'),
-    (r'^python dalpsr/train\.py -opt options/reference/train\.yml$',
-     'the reference options (documentation, a toy plugin model); tests/test_options.py loads them'),
     (r'^python dalpsr/test\.py -opt options/test/test_dalpsr_sd21\.yml', SD),
     (r'^python scripts/iqa\.py .*--device cuda', GPU + ' and the IQA metric weights'),
     (r'^python scripts/iqa\.py --sr results/dalpsr_sd21/RealSR --gt datasets/RealSR/HR --metrics dalpsr$',
@@ -213,7 +217,8 @@ def _match(table, text):
 
 
 def _classify(cmd: DocCommand):
-    rows = [('test', r) for r in _match(RUN_BY_TEST, cmd.text)] + [('parse', r) for r in _match(PARSE_ONLY, cmd.text)]
+    rows = ([('test', r) for r in _match(RUN_BY_TEST, cmd.text)] + [('here', r) for r in _match(RUN_HERE, cmd.text)]
+            + [('parse', r) for r in _match(PARSE_ONLY, cmd.text)])
     return rows
 
 
@@ -433,10 +438,28 @@ def test_option_keys_named_in_the_docs_exist():
 
 def test_every_table_row_is_used_and_every_test_node_exists():
     used = {row[0] for cmd in COMMANDS for _, row in _classify(cmd)}
-    unused = [p for p, _ in RUN_BY_TEST + PARSE_ONLY if p not in used]
+    unused = [p for p, _ in RUN_BY_TEST + RUN_HERE + PARSE_ONLY if p not in used]
     assert not unused, f'table rows that match no doc command (remove them): {unused}'
     missing = [node for _, node in RUN_BY_TEST if not _test_node_exists(node)]
     assert not missing, f'test nodes that do not exist: {missing}'
+    here = [name for _, name in RUN_HERE if not callable(globals().get(name))]
+    assert not here, f'RUN_HERE names tests that do not exist: {here}'
+
+
+def test_reference_train_options_run_as_documented(tmp_path):
+    """docs/training.md: `python dalpsr/train.py -opt options/reference/train.yml` "runs as is: a toy
+    model, seconds on CPU" (about 5 s of training): the whole run, checkpoint and export included."""
+    import dalpsr.train as T
+    root = tmp_path / 'exp'
+    with contextlib.chdir(REPO):
+        rc = T.main(['-opt', 'options/reference/train.yml', '--set', f'path.experiments_root={root}',
+                     '--set', 'train.progress_bar=false'])
+    assert rc == 0
+    exp = root / 'reference_toy'
+    from dalpsr.utils.options import load_options
+    total = load_options(os.path.join(REPO, 'options/reference/train.yml'))['train']['total_iter']
+    assert (exp / 'checkpoints' / f'checkpoint-{total}').is_dir()
+    assert any((exp / 'export').iterdir()) and 'reference_toy' in (exp / 'options.yml').read_text()
 
 
 @pytest.mark.parametrize('cmd', COMMANDS, ids=[f'{c.file}:{c.line}:{c.argv[1] if len(c.argv) > 1 else ""}'
