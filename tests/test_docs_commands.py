@@ -35,7 +35,7 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 from unittest import mock
 
 import pytest
@@ -125,7 +125,8 @@ RUN_BY_TEST: List[Tuple[str, str]] = [
     (r'^python -m pytest$', 'tests/test_docs_commands.py'),
     (r'^python -m pytest -q tests/test_iqa\.py tests/test_iqa_models\.py', 'tests/test_iqa_models.py'),
     (r'^python scripts/demo\.py$', 'tests/test_demo.py::test_demo_data_part_writes_and_summarises_a_resumable_set'),
-    (r'^python scripts/demo_sr\.py$', 'tests/test_test_script.py::test_demo_sr_runs_the_tiny_stand_in_labelled_as_such'),
+    (r'^python scripts/demo_sr\.py$',
+     'tests/test_test_script.py::test_demo_sr_runs_the_tiny_stand_in_labelled_as_such'),
     # make_tiny_sd.py is a wrapper of build_tiny_sd, which this test builds and loads
     (r'^python scripts/make_tiny_sd\.py pretrained_models/tiny-sd$',
      'tests/test_sd_components.py::test_tiny_sd_layout_and_load'),
@@ -157,7 +158,8 @@ RUN_BY_TEST: List[Tuple[str, str]] = [
      'tests/test_sharding.py::test_generate_lq_two_processes_resume_a_killed_run_into_the_same_bytes'),
     (r'^accelerate launch --multi_gpu --num_processes 2 .*dalpsr/train\.py -opt options/reference/train\.yml$',
      'tests/test_accelerate_multiproc.py::test_two_process_cpu_run'),
-    (r'^python scripts/iqa\.py -opt options/test/iqa_example\.yml', 'tests/test_iqa.py::test_cli_flags_and_options_file'),
+    (r'^python scripts/iqa\.py -opt options/test/iqa_example\.yml',
+     'tests/test_iqa.py::test_cli_flags_and_options_file'),
     (r'^python scripts/iqa\.py --sr results/ours/RealSR --gt datasets/RealSR/HR --out ',
      'tests/test_iqa.py::test_cli_flags_and_options_file'),
     (r'^python scripts/eval_srclip\.py ', 'tests/test_srclip.py::test_tiny_srclip_training_loss_falls_and_exports'),
@@ -180,8 +182,8 @@ PARSE_ONLY: List[Tuple[str, str]] = [
                                     'checked with `bash -n` here; .ci/run runs it'),
     (r'^python scripts/generate_lq\.py (--testset )?--hr datasets/(DIV2K_\w+|HR) ', DATA),
     (r'^python scripts/plot_triplets\.py ', 'plots the triplet set that scripts/demo.py writes under results/demo'),
-    (r'^python dalpsr/train\.py -opt options/train/train_irpad(_cpu)?\.yml', LONG + ' (IRPAD: 27 min on 2 cores; '
-                                                                          'paper scale needs open_clip ViT-B/16 and DIV2K)'),
+    (r'^python dalpsr/train\.py -opt options/train/train_irpad(_cpu)?\.yml',
+     LONG + ' (IRPAD: 27 min on 2 cores; paper scale needs open_clip ViT-B/16 and DIV2K)'),
     (r'^python scripts/eval_irpad\.py ', 'evaluates a trained IRPAD export on a 2,000-sample LR cache'),
     (r'^python scripts/make_lr_cache\.py ', 'builds 2,000-4,000 512-px LR samples (minutes of CPU)'),
     (r'^python scripts/irpad_feature_probe\.py ', 'needs the LR caches made by make_lr_cache.py'),
@@ -266,7 +268,8 @@ def _full_parse(script: str, args: List[str]) -> None:
     if not any(isinstance(n, ast.FunctionDef) and n.name == 'parse_args' for n in tree.body):
         return
     import importlib.util
-    spec = importlib.util.spec_from_file_location(f'_doccmd_{os.path.basename(script)[:-3]}', os.path.join(REPO, script))
+    name = f'_doccmd_{os.path.basename(script)[:-3]}'
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, script))
     mod = importlib.util.module_from_spec(spec)
     err = io.StringIO()
     with mock.patch.object(sys, 'path', list(sys.path)), contextlib.redirect_stderr(err):
