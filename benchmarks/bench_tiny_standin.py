@@ -3,7 +3,7 @@
 
     python benchmarks/bench_tiny_standin.py [--lr 448x640] [--steps 2] [--threads 1] [--layouts fast,sd]
 
-Builds the stand-ins (dalpsr/pipelines/tiny.py) in a temporary folder and restores one smooth
+Builds the stand-ins (dalpsr/inference/tiny.py) in a temporary folder and restores one smooth
 random LR with DaLPSR's restorer (test.py's defaults: DDIM here, CFG 5.5, 96/32 latent tiles,
 1024 px encoder tiles, 224 latent px decoder tiles, adain). Prints VAE encode, denoising steps and
 VAE decode seconds (the records' encode_s / denoise_s / decode_s) and the share of
@@ -28,7 +28,7 @@ def run(layout: str, root: Path, hw, steps: int):
     import torch
 
     from dalpsr.inference.options import TEST_DEFAULTS
-    from dalpsr.pipelines.tiny import build_tiny_dalpsr
+    from dalpsr.inference.tiny import build_tiny_dalpsr
     from dalpsr.restorers.dalpsr_diffusion import DaLPSRDiffusion
     paths = build_tiny_dalpsr(root / layout, layout=layout)
     model = dict(TEST_DEFAULTS['model'], path=paths['dalpsr'], device='cpu', dtype='fp32')

@@ -113,13 +113,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--results-root', default='results', help='where run folders go (default results/)')
     p.add_argument('--tiny-dir', default='pretrained_models/tiny', help='where the stand-ins are built/kept')
     p.add_argument('--tiny-layout', default='fast', choices=('fast', 'sd'),
-                   help="stand-in layout: fast (default) or sd (SD's attention layout; dalpsr/pipelines/tiny.py)")
+                   help="stand-in layout: fast (default) or sd (SD's attention layout; dalpsr/inference/tiny.py)")
     p.add_argument('--device', default='auto', help='auto | cpu | cuda (real weights; the stand-in runs on CPU)')
     p.add_argument('--force', action='store_true', help='archive an earlier demo run made with other settings')
     args = p.parse_args(argv)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     root = Path(__file__).resolve().parents[1]
-    from dalpsr.pipelines.tiny import TINY_LABEL, build_tiny_dalpsr
+    from dalpsr.inference.tiny import TINY_LABEL, build_tiny_dalpsr
     from dalpsr.test import test
     from dalpsr.utils.options import OptionError
 

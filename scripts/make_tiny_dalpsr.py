@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     import torch
     torch.set_num_threads(1)
-    from dalpsr.pipelines.tiny import TINY_LABEL, build_tiny_dalpsr
+    from dalpsr.inference.tiny import TINY_LABEL, build_tiny_dalpsr
     paths = build_tiny_dalpsr(args.out_dir, seed=args.seed, overwrite=args.overwrite, layout=args.layout)
     print(f'{TINY_LABEL}: ' + ', '.join(f'{k} -> {v}' for k, v in paths.items()))
     return 0

@@ -13,7 +13,9 @@ labelled with its K = 4 degradation interval per type (blur, noise, JPEG; labels
 *eval* set from other photos (``--eval-hr``, seed ``--seed + 1``). For the trained learner and for
 a randomly initialised learner of the same architecture (seed ``--random-seed``), d is computed
 on each whole LR (eval mode), and a multinomial logistic regression per type (standardised
-features, L2 ``--l2``, L-BFGS) is fitted on the fit set and scored on the eval set. Prints and
+features, L-BFGS; its L2 weight chosen per encoder and type by 5-fold cross-validation on the fit
+set from ``--l2``) is fitted on the fit set and scored on the eval set. ``--cache`` keeps the two
+degraded sets in an ``.npz`` (a rerun with other encoders or probe settings skips the degrading). Prints and
 writes (``--out``, JSON) the accuracy per type of both encoders next to the majority-class
 rate; ``--fig`` draws the first two principal components of d on the eval set coloured by each
 type's degree (top row trained, bottom row random).
@@ -83,12 +85,32 @@ def fit_logistic(x, y, num_classes: int, l2: float = 1e-3, iters: int = 200):
     return lambda z: (((z - mu) / sd) @ w + b).argmax(1)
 
 
-def probe(feat_fit, y_fit, feat_eval, y_eval, l2: float):
-    res = {}
+def choose_l2(x, y, grid, folds: int = 5, seed: int = 0) -> float:
+    """The L2 weight of ``grid`` with the best mean k-fold accuracy on ``(x, y)``."""
+    import torch
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    parts = perm.chunk(folds)
+    best, best_acc = grid[0], -1.0
+    for l2 in grid:
+        acc = 0.0
+        for k in range(folds):
+            val = parts[k]
+            tr = torch.cat([parts[i] for i in range(folds) if i != k])
+            pred = fit_logistic(x[tr], y[tr], 4, l2, iters=100)(x[val])
+            acc += float((pred == y[val]).float().mean()) / folds
+        if acc > best_acc:
+            best, best_acc = l2, acc
+    return best
+
+
+def probe(feat_fit, y_fit, feat_eval, y_eval, grid):
+    res, chosen = {}, {}
     for j, t in enumerate(TYPES):
+        l2 = choose_l2(feat_fit, y_fit[:, j], grid) if len(grid) > 1 else grid[0]
         pred = fit_logistic(feat_fit, y_fit[:, j], 4, l2)(feat_eval)
         res[t] = float((pred == y_eval[:, j]).float().mean())
-    return res
+        chosen[t] = l2
+    return res, chosen
 
 
 def pca_figure(path, feats: dict, degrees, title: str):
@@ -130,7 +152,11 @@ def main(argv=None) -> int:
     p.add_argument('--num-eval', type=int, default=880)
     p.add_argument('--seed', type=int, default=11)
     p.add_argument('--random-seed', type=int, default=0, help='seed of the randomly initialised baseline')
-    p.add_argument('--l2', type=float, default=1e-3)
+    p.add_argument('--l2', default='1e-4,1e-3,1e-2,1e-1,1', help='comma-separated L2 weights (cross-validated)')
+    p.add_argument('--stats-baseline', action='store_true',
+                   help='also probe the weight-free LR statistics of dalpsr.archs.degradation_stats (what a '
+                        'linear probe can read from these LRs without any learning)')
+    p.add_argument('--cache', default=None, help='.npz keeping the degraded fit/eval sets (built when missing)')
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--out', default=None, help='JSON file for the results')
     p.add_argument('--fig', default=None, help='PNG file for the PCA figure')
@@ -151,26 +177,52 @@ def main(argv=None) -> int:
     random_net = DegradationResNet(**cfg).eval()
     block = yaml.safe_load(open(args.opt, encoding='utf-8'))['datasets']['train']
     t0 = time.time()
-    fit = build_set(block, args.fit_hr, args.num_fit, args.seed)
-    ev = build_set(block, args.eval_hr, args.num_eval, args.seed + 1)
+    grid = [float(v) for v in str(args.l2).split(',')]
+    key = dict(fit_hr=args.fit_hr, eval_hr=args.eval_hr, num_fit=args.num_fit, num_eval=args.num_eval,
+               seed=args.seed, block=block)
+    fit = ev = None
+    if args.cache and os.path.isfile(args.cache):
+        import numpy as np
+        z = np.load(args.cache, allow_pickle=False)
+        if json.loads(str(z['key'])) == json.loads(json.dumps(key)):
+            fit = ([torch.from_numpy(a) for a in z['fit_lq']], torch.from_numpy(z['fit_y']), torch.from_numpy(z['fit_deg']))
+            ev = ([torch.from_numpy(a) for a in z['ev_lq']], torch.from_numpy(z['ev_y']), torch.from_numpy(z['ev_deg']))
+        else:
+            print(f'{args.cache} was made with other settings; rebuilding it')
+    if fit is None:
+        fit = build_set(block, args.fit_hr, args.num_fit, args.seed)
+        ev = build_set(block, args.eval_hr, args.num_eval, args.seed + 1)
+        if args.cache:
+            import numpy as np
+            os.makedirs(os.path.dirname(os.path.abspath(args.cache)), exist_ok=True)
+            tmp = f'{args.cache}.tmp.npz'
+            np.savez(tmp, key=json.dumps(key), fit_lq=torch.stack(fit[0]).numpy(), fit_y=fit[1].numpy(),
+                     fit_deg=fit[2].numpy(), ev_lq=torch.stack(ev[0]).numpy(), ev_y=ev[1].numpy(), ev_deg=ev[2].numpy())
+            os.replace(tmp, args.cache)
     t_data = time.time() - t0
     majority = {t: float((ev[1][:, j] == torch.bincount(fit[1][:, j], minlength=4).argmax()).float().mean())
                 for j, t in enumerate(TYPES)}
     res = {'learner': str(args.learner), 'arch': cfg, 'num_fit': args.num_fit, 'num_eval': args.num_eval,
-           'fit_hr': args.fit_hr, 'eval_hr': args.eval_hr, 'seed': args.seed, 'l2': args.l2,
+           'fit_hr': args.fit_hr, 'eval_hr': args.eval_hr, 'seed': args.seed, 'l2_grid': grid, 'l2_chosen': {},
            'eval_label_counts': {t: torch.bincount(ev[1][:, j], minlength=4).tolist() for j, t in enumerate(TYPES)},
            'majority': majority}
     feats = {}
-    for name, net in (('trained', trained), ('random', random_net)):
+    nets = [('trained', trained), ('random', random_net)]
+    if args.stats_baseline:
+        from dalpsr.archs.degradation_stats import degradation_statistics
+        nets.append(('stats', degradation_statistics))
+    for name, net in nets:
         ff, fe = features(net, fit[0]), features(net, ev[0])
-        feats[name] = fe
-        res[name] = probe(ff, fit[1], fe, ev[1], args.l2)
+        if name != 'stats':
+            feats[name] = fe
+        res[name], res['l2_chosen'][name] = probe(ff, fit[1], fe, ev[1], grid)
     res['seconds'] = {'data': round(t_data, 1), 'total': round(time.time() - t0, 1)}
     print(f"linear probe on d ({cfg['widths'][-1]}-d), fitted on {args.num_fit} LRs of {args.fit_hr}, "
           f"scored on {args.num_eval} LRs of {args.eval_hr} (K = 4 intervals)")
-    print(f"{'type':8s} {'trained':>8s} {'random':>8s} {'majority':>9s}")
+    print(f"{'type':8s} {'trained':>8s} {'random':>8s} {'majority':>9s}" + (f" {'stats':>8s}" if 'stats' in res else ''))
     for t in TYPES:
-        print(f"{t:8s} {res['trained'][t]:8.3f} {res['random'][t]:8.3f} {majority[t]:9.3f}")
+        extra = f" {res['stats'][t]:8.3f}" if 'stats' in res else ''
+        print(f"{t:8s} {res['trained'][t]:8.3f} {res['random'][t]:8.3f} {majority[t]:9.3f}{extra}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         tmp = f'{args.out}.tmp'

@@ -4,13 +4,10 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LINES = 500
 
-#: Temporary: files being split right now by other developers (issue 12). The integrator removes
-#: an entry when that work lands; nothing is added here without a plan to split the file.
-ALLOWLIST = {
-    'dalpsr/test.py': 'being reduced to a thin CLI over dalpsr/inference/ (issue 12 part A)',
-    'dalpsr/train.py': 'train loop moving to dalpsr/training/ (issue 12 part B)',
-    'dalpsr/pipelines/sampler.py': 'denoising loop split from the denoiser (issue 12 part A)',
-}
+#: Temporary exceptions for files being split by someone right now: path -> who splits it and how.
+#: Empty since test.py, train.py and pipelines/sampler.py were split (issue 12); an entry is added
+#: only with a plan to split the file, and removed when that work lands.
+ALLOWLIST = {}
 
 
 def module_sizes(root=ROOT):

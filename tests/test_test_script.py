@@ -18,7 +18,7 @@ from tests.script_loader import load_script
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
     from dalpsr.captioning.tiny import make_tiny_llava
-    from dalpsr.pipelines.tiny import build_tiny_dalpsr
+    from dalpsr.inference.tiny import build_tiny_dalpsr
     root = tmp_path_factory.mktemp('tiny')
     paths = build_tiny_dalpsr(str(root / 'models'))
     paths['llava'] = make_tiny_llava(str(root / 'llava'))
@@ -142,6 +142,9 @@ def test_messy_folder_outputs_rules_prompts_and_metrics(first_run, messy):
     # per-image seeds, timing, memory; metrics where GT exists (a, b), means in the summary
     assert recs['a']['seed'] == T.image_seed(3, 'a') != recs['b']['seed']
     assert recs['a']['seconds'] > 0 and recs['a']['peak_mem_mb'] > 0 and recs['a']['unet_calls'] == 2  # untiled
+    # per-stage times of the image (issue 13.11): VAE encode, denoising steps, VAE decode
+    assert all(recs['a'][k] > 0 for k in ('encode_s', 'denoise_s', 'decode_s'))
+    assert recs['a']['encode_s'] + recs['a']['denoise_s'] + recs['a']['decode_s'] <= recs['a']['seconds'] + 1e-3
     assert set(recs['a']['metrics']) == {'psnr', 'ssim'} and 'metrics' in recs['gray']
     assert recs['gray']['metrics'] == {}
     summary = json.loads((d / 'summary.json').read_text())

@@ -9,7 +9,7 @@ One deliberate change since (issue 13.5): the LR-embedded start is now noised to
 first timestep run; ``start_noise: start_step`` keeps the earlier level (t = start_step), and with
 it the outputs must still be bit-identical (tests/test_start_noise.py covers the new default).
 The demo's stand-in is built in the layout of that time (``--tiny-layout sd``; the default
-``fast`` layout is another random model, dalpsr/pipelines/tiny.py).
+``fast`` layout is another random model, dalpsr/inference/tiny.py).
 """
 import json
 from pathlib import Path

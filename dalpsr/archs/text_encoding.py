@@ -9,9 +9,12 @@ accepts any sequence length, so the extra chunks simply add context tokens.
 
 A prompt that fits in one chunk gives exactly the embedding a diffusers pipeline computes
 (``tokenizer(prompt, padding='max_length', max_length=77, truncation=True)``), so short prompts
-are unaffected. Within a batch every prompt gets ``n`` chunks (``n`` = chunks the longest prompt
-needs, at most ``max_chunks``); the extra chunks of shorter prompts encode the empty string.
-Tokens beyond ``max_chunks * 75`` are dropped (a warning says how many).
+are unaffected. Within one call every prompt gets ``n`` chunks (``n`` = chunks the longest prompt
+needs, at most ``max_chunks``); the extra chunks of shorter prompts encode the empty string and
+take part in cross-attention, so a prompt's embedding depends on the longest prompt it is
+encoded with. Callers that must not depend on batch composition group prompts by
+:func:`count_chunks` first (``DaLPSRSampler`` does). Tokens beyond ``max_chunks * 75`` are dropped
+(a warning says how many).
 """
 from __future__ import annotations
 

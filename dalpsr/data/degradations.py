@@ -33,8 +33,9 @@ images are processed one at a time with ``cv2.filter2D`` (reflect-101 border, id
 basicsr's ``filter2D``), kernels are used at their sampled size instead of zero-padded to 21
 (same result), resizing *is* ``torch.nn.functional.interpolate`` (the reference's own op, called
 on one CPU image; the first-order resize passes ``scale_factor`` as feed_data does), the GT is
-sharpened per crop (Real-ESRGAN sharpens the 400 px patch before its crop), and JPEG is OpenCV's libjpeg with an integer quality (basicsr's DiffJPEG
-takes a float quality; its numpy helper crashes on floats).
+sharpened per crop (Real-ESRGAN sharpens the 400 px patch before its crop), and JPEG is
+OpenCV's libjpeg with an integer quality (basicsr's DiffJPEG takes a float quality; its numpy
+helper crashes on floats).
 """
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ def resolve_test_opt(opt: Dict[str, Any]) -> Dict[str, Any]:
         raise OptionError(f"'seed' must be an integer in {src}, got {seed!r}")
     res['seed'] = seed
     if res['imports']:  # user plugins may register their own restorers
-        from dalpsr.train import import_plugins
+        from dalpsr.utils.plugins import import_plugins
         import_plugins(res)
     cls = method_class(opt, src)
     res['method'] = dict(opt.get('method') or TEST_DEFAULTS['method'])

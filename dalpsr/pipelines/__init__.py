@@ -6,6 +6,7 @@
 * :mod:`dalpsr.pipelines.sampler` — DaLPSR's denoiser (ControlNet + UNet) and :class:`DaLPSRSampler`.
 
 Heavy libraries (diffusers) are imported inside functions; ``import dalpsr.pipelines`` is cheap.
+The tiny random stand-ins of test.py live in :mod:`dalpsr.inference.tiny`.
 """
 from dalpsr.pipelines.denoiser import Conditions, Denoiser  # noqa: F401
 from dalpsr.pipelines.loop import DenoisingLoop, LRLatents, SamplingSettings  # noqa: F401

@@ -128,7 +128,7 @@ def build_tiny_dalpsr(root, seed: int = 0, overwrite: bool = False, layout: str 
                    extra={'note': TINY_LABEL})
     readme = root / 'README.md'
     if not readme.is_file():
-        readme.write_text(f'{TINY_LABEL}.\nWritten by dalpsr.pipelines.tiny.build_tiny_dalpsr(seed={seed}): '
+        readme.write_text(f'{TINY_LABEL}.\nWritten by dalpsr.inference.tiny.build_tiny_dalpsr(seed={seed}): '
                           'random weights in the layouts of the real models; outputs are noise.\n'
                           + json.dumps(paths, indent=2) + '\n')
     return paths
