@@ -162,6 +162,8 @@ RUN_BY_TEST: List[Tuple[str, str]] = [
      'tests/test_iqa.py::test_cli_flags_and_options_file'),
     (r'^python scripts/iqa\.py --sr results/ours/RealSR --gt datasets/RealSR/HR --out ',
      'tests/test_iqa.py::test_cli_flags_and_options_file'),
+    (r'^python scripts/plot_architecture\.py --out figs/architecture\.png$',
+     'tests/test_architecture_doc.py::test_figure_names_existing_code_and_its_command_runs'),
     (r'^python scripts/eval_srclip\.py ', 'tests/test_srclip.py::test_tiny_srclip_training_loss_falls_and_exports'),
 ]
 
@@ -201,7 +203,9 @@ PARSE_ONLY: List[Tuple[str, str]] = [
     (r'^python dalpsr/train\.py -opt options/train/<config>\.yml', 'a template (<config>: any file of options/train/; '
                                                                   'checked with train_irpad_cpu)'),
     (r'^python dalpsr/train\.py -opt options/train/train_deedsr_stage1_cpu\.yml', LONG + ' (DeeDSR stage 1 on photos)'),
-    (r'^python scripts/probe_degradation_encoder\.py ', 'needs the export of the DeeDSR stage-1 CPU recipe'),
+    (r'^python scripts/probe_degradation_encoder\.py ',
+     'needs the export of the DeeDSR stage-1 CPU recipe and photos '
+     '(tests/test_probe_degradation_encoder.py runs it on a tiny learner)'),
     (r'^python dalpsr/train\.py -opt options/train/train_(srclip|realdat|dat)_cpu\.yml', LONG + ' (DePLSR recipes)'),
     (r'^python dalpsr/test\.py -opt options/test/test_dalpsr_sd21\.yml', SD),
     (r'^python scripts/iqa\.py .*--device cuda', GPU + ' and the IQA metric weights'),
