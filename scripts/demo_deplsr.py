@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Real super-resolution of shipped photographs with the CPU-trained DePLSR model in the repository.
 
-    python scripts/demo_deplsr.py [--out results/demo/deplsr] [--weights weights/deplsr_cpu_x4]
+    python scripts/demo_deplsr.py [--out results/demo/deplsr] [--weights pretrained_models/deplsr_cpu_x4]
 
 For each photo (the 'val' photos that ship in installed packages: never seen in training) it
 takes a centre crop of ``--gt-size`` px, degrades it with the Real-ESRGAN pipeline (seed
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_WEIGHTS = ROOT / 'weights' / 'deplsr_cpu_x4'
+DEFAULT_WEIGHTS = ROOT / 'pretrained_models' / 'deplsr_cpu_x4'
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,7 @@
 """Super-resolve a folder of LR images with any registered restorer (feed-forward measurements).
 
     python scripts/restore_folder.py --lr datasets/deplsr/val_testset_x4/LR --out results/deplsr/realdat \
-        --method '{type: RealDATRestorer, weights: weights/deplsr_cpu_x4, tile: 200, tile_overlap: 16}'
+        --method '{type: RealDATRestorer, weights: pretrained_models/deplsr_cpu_x4, tile: 200, tile_overlap: 16}'
     python scripts/restore_folder.py --lr LR --out results/bicubic --method '{type: Bicubic, scale: 4}'
     python scripts/iqa.py --sr results/deplsr/realdat --gt datasets/deplsr/val_testset_x4/GT --metrics psnr ssim niqe
 

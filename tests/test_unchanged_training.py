@@ -21,6 +21,11 @@ from tests.unchanged_recipes import RECIPES, STEPS, run_recipe
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = json.loads((REPO / 'tests' / 'data' / 'unchanged_training.json').read_text())['recipes']
 REL = 1e-6
+#: validation metrics that changed by design since the reference: DaLPSRModel.sample validates
+#: through the one sampler now (issue 12, item 5: one seed per image instead of one generator for
+#: the batch), so the sample PSNR of the tiny DaLPSR recipe differs; its validation loss does not.
+#: tests/test_validation_sampler.py checks that the samples equal DaLPSRSampler's.
+CHANGED_BY_DESIGN = {('dalpsr_tiny', 'psnr')}
 
 
 def _close(a, b):
@@ -35,5 +40,6 @@ def test_first_losses_equal_the_recorded_ones(name, tmp_path):
     bad = [(i, a, b) for i, (a, b) in enumerate(zip(got['losses'], ref['losses'])) if not _close(a, b)]
     assert not bad, f'{name}: losses differ from the recorded ones at (step index, now, recorded) {bad}'
     assert set(got['val']) == set(ref['val'])
-    bad = {k: (got['val'][k], v) for k, v in ref['val'].items() if not _close(got['val'][k], v)}
+    bad = {k: (got['val'][k], v) for k, v in ref['val'].items()
+           if (name, k) not in CHANGED_BY_DESIGN and not _close(got['val'][k], v)}
     assert not bad, f'{name}: validation metrics differ (now, recorded): {bad}'

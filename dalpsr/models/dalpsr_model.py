@@ -58,7 +58,7 @@ DEFAULTS: Dict[str, Any] = {
     'snr_gamma': None,
     'val': {'num_images': 2, 'num_steps': 20, 'guidance_scale': 5.5,
             'negative_prompt': 'dotted, noise, blur, lowres, smooth', 'conditioning_scale': 1.0, 'seed': 0,
-            'loss_timesteps': [100, 500, 900], 'start_step': 999},
+            'loss_timesteps': [100, 500, 900], 'start_step': 999, 'start_noise': 'first_step'},
 }
 
 
@@ -334,7 +334,7 @@ class DaLPSRModel(BaseModel):
     @torch.no_grad()
     def sample(self, lq: torch.Tensor, prompts: Sequence[str], num_steps: int = 20, guidance_scale: float = 5.5,
                negative_prompt: str = '', conditioning_scale: float = 1.0, seed: int = 0,
-               start_step: int = 999) -> torch.Tensor:
+               start_step: int = 999, start_noise: str = 'first_step') -> torch.Tensor:
         """Validation samples through the one sampler (dalpsr.pipelines.DaLPSRSampler on this
         model's networks as they are): DDIM, LR-embedded start, classifier-free guidance, no color
         fix. ``lq`` [B,3,h,w] in [0,1] -> SR [B,3,h*s,w*s] in [0,1] (CPU); image ``i`` uses seed
@@ -353,7 +353,7 @@ class DaLPSRModel(BaseModel):
         return sampler(lq.float().cpu(), list(prompts), negative_prompt=negative_prompt, num_steps=int(num_steps),
                        guidance_scale=float(guidance_scale), scheduler='ddim', start='lr', start_step=int(start_step),
                        conditioning_scale=float(conditioning_scale), seed=[int(seed) + i for i in range(b)],
-                       color_fix='none')
+                       color_fix='none', start_noise=start_noise)
 
     @torch.no_grad()
     def validate(self, loader, step: int, writer=None) -> Dict[str, float]:
@@ -370,7 +370,7 @@ class DaLPSRModel(BaseModel):
                 prompts = self.compose_prompts(sub, training=False)
                 sr = self.sample(sub['lq'], prompts, int(v['num_steps']), float(v['guidance_scale']),
                                  str(v['negative_prompt'] or ''), float(v['conditioning_scale']), int(v['seed']),
-                                 int(v['start_step'])).cpu()
+                                 int(v['start_step']), str(v['start_noise'])).cpu()
                 gt = sub['gt'].float().cpu()
                 mse = ((sr - gt) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
                 psnrs += (10 * torch.log10(1 / mse)).tolist()
