@@ -162,6 +162,8 @@ RUN_BY_TEST: List[Tuple[str, str]] = [
      'tests/test_iqa.py::test_cli_flags_and_options_file'),
     (r'^python scripts/iqa\.py --sr results/ours/RealSR --gt datasets/RealSR/HR --out ',
      'tests/test_iqa.py::test_cli_flags_and_options_file'),
+    (r'^python dalpsr/test\.py -opt options/test/test_deplsr_cpu\.yml',
+     'tests/test_deplsr_testpy.py::test_testpy_runs_the_shipped_deplsr_over_odd_images'),
     (r'^python scripts/plot_architecture\.py --out figs/architecture\.png$',
      'tests/test_architecture_doc.py::test_figure_names_existing_code_and_its_command_runs'),
     (r'^python scripts/eval_srclip\.py ', 'tests/test_srclip.py::test_tiny_srclip_training_loss_falls_and_exports'),
@@ -213,6 +215,8 @@ PARSE_ONLY: List[Tuple[str, str]] = [
      'the DaLPSR metric set needs its metric weights and RealSR'),
     (r'^python scripts/iqa\.py --sr results/ours/RealLR200 ', 'needs the NIQE/MUSIQ/MANIQA/CLIPIQA weights'),
     (r'^python scripts/iqa\.py --sr SR --gt GT ', 'needs the DISTS and CLIP ViT-B/32 weights'),
+    (r'^python scripts/plot_sr_crops\.py ', 'needs the DePLSR test set and SR results made by test.py '
+                                            '(tests/test_realdat.py runs it on tiny folders)'),
     (r'^python -m dalpsr\.metrics\.crosscheck$', 'compares against pyiqa with the real metric weights'),
     (r'^python benchmarks/bench_\w+\.py', BENCH + ' (the cuda rows need a GPU)'),
 ]
