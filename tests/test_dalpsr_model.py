@@ -442,3 +442,22 @@ def test_reference_options_document_every_model_key_with_the_defaults(tiny_sd):
     bad['model'].update(restoration_prompt_source='irpad', irpad={'path': 'x', 'device': 'cuda'})
     with pytest.raises(OptionError, match="unknown key 'device'"):
         _build(bad)
+
+
+def test_min_snr_weights_follow_the_formula():
+    """Min-SNR-gamma: w = min(snr, g) / snr (eps) or / (snr + 1) (v), snr = abar / (1 - abar)."""
+    import types
+
+    from diffusers import DDPMScheduler
+
+    from dalpsr.models.dalpsr_model import DaLPSRModel
+    sched = DDPMScheduler(beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([0, 10, 250, 500, 999])
+    ac = sched.alphas_cumprod[t].double()
+    snr = ac / (1 - ac)
+    for pred, denom in (('epsilon', snr), ('v_prediction', snr + 1)):
+        fake = types.SimpleNamespace(noise_scheduler=sched, cfg={'snr_gamma': 5.0}, prediction_type=pred)
+        w = DaLPSRModel._snr_weights(fake, t).double()
+        want = torch.minimum(snr, torch.full_like(snr, 5.0)) / denom
+        torch.testing.assert_close(w, want, rtol=1e-5, atol=0)
+        assert w[0] < 1.0 and (pred == 'v_prediction' or abs(float(w[-1]) - 1.0) < 1e-6)

@@ -266,9 +266,10 @@ class DaLPSRModel(BaseModel):
         raise ValueError(f'unsupported prediction_type {self.prediction_type!r}')
 
     def _snr_weights(self, t: torch.Tensor) -> torch.Tensor:
-        """Min-SNR-gamma loss weights (Hang et al. 2023), per sample."""
-        ac = self.noise_scheduler.alphas_cumprod.to(t.device)[t].float()
-        snr = ac / (1 - ac)
+        """Min-SNR-gamma loss weights (Hang et al. 2023), per sample. SNR from diffusers'
+        ``compute_snr`` (equal to ``abar / (1 - abar)`` within 3.4e-7 relative)."""
+        from diffusers.training_utils import compute_snr
+        snr = compute_snr(self.noise_scheduler, t).float()
         g = float(self.cfg['snr_gamma'])
         w = torch.minimum(snr, torch.full_like(snr, g))
         return w / snr if self.prediction_type == 'epsilon' else w / (snr + 1)
