@@ -160,8 +160,8 @@ def load_open_clip(model_name: str, pretrained: Optional[str] = None, device='cp
 
 
 class OpenCLIPImageEncoder(nn.Module):
-    """Visual tower of an open_clip ViT; the LR image is resized to the tower's input size and
-    normalised with its mean/std.
+    """Visual tower of an open_clip ViT; the LR image is resized to the tower's input size
+    (bicubic, antialiased) and normalised with its mean/std.
 
     Input ``x``: [B, 3, h, w] in [0, 1]. Output tokens: [B, N, width] (patch tokens after the
     final LayerNorm, or the tokens of block ``token_layer`` when given; N = (size/patch)^2).
@@ -207,7 +207,10 @@ class OpenCLIPImageEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode='bicubic', align_corners=False)
+            # antialiased: a large LR shrunk to the tower's size must not alias its noise and JPEG
+            # grid away (no effect when enlarging, e.g. a training-size crop)
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode='bicubic', align_corners=False,
+                              antialias=True)
         x = (x - self.mean) / self.std
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             if self.token_layer is None:

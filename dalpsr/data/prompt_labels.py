@@ -255,6 +255,14 @@ class PromptSpec:
                 'templates': {t: self.templates[t] for t in self.types}, 'separator': self.separator,
                 'noise_severity': self.noise_severity}
 
+    def summary(self) -> str:
+        """One-line description for messages: ``blur,noise,jpeg x4 noise_severity=params`` (plus
+        the templates and separator when they are not the defaults)."""
+        s = f"{','.join(self.types)} x{self.num_intervals} noise_severity={self.noise_severity}"
+        if self.separator != ', ' or any(self.templates[t] != DEFAULT_TEMPLATES[t] for t in self.types):
+            s += f" templates={[self.templates[t] for t in self.types]} separator={self.separator!r}"
+        return s
+
     @property
     def needs_measured_noise(self) -> bool:
         """True when labels need ``params['measured']`` (degrade with ``measure_noise=True``)."""

@@ -12,6 +12,7 @@ import hashlib
 import json
 from typing import Any, Dict, Optional
 
+from dalpsr.inference.prompt_spec import check_irpad_matches_model
 from dalpsr.utils.experiment import merge_defaults
 from dalpsr.utils.options import OptionError, check_keys
 
@@ -90,6 +91,7 @@ def resolve_test_opt(opt: Dict[str, Any]) -> Dict[str, Any]:
         _check_sampler(res['sampler'], src)
     cls.check_options(res, src)
     _check_shared(res, src)
+    check_irpad_matches_model(res, src)  # the IRPAD must write p_r as the model learned it
     res['datasets'] = _datasets(opt.get('datasets'), src)
     return res
 

@@ -136,8 +136,11 @@ def fill_restoration(ts: TestSet, models: PromptModels, opt: Dict[str, Any], use
         if not ts.block['restoration_file']:
             raise OptionError(f'irpad.source: file needs datasets.{ts.key}.restoration_file (JSONL lines '
                               '{"key": ..., "prompt": ...} or {"key": ..., "labels": [..]})')
-        from dalpsr.data.prompt_labels import PromptSpec
-        spec = PromptSpec()
+        from dalpsr.inference.prompt_spec import model_spec
+        spec = model_spec(opt['model'].get('path'))[0]  # labels are written in the model's spec
+        if spec is None:
+            from dalpsr.data.prompt_labels import PromptSpec
+            spec = PromptSpec()
         for r in read_jsonl(ts.block['restoration_file']):
             if 'prompt' in r:
                 given[str(r['key'])] = str(r['prompt'])

@@ -80,6 +80,7 @@ def build_tiny_dalpsr(root, seed: int = 0, overwrite: bool = False, layout: str 
     import torch
 
     from dalpsr.archs.controlnet_arch import export_dalpsr, get_controlnet_class
+    from dalpsr.data.prompt_labels import PromptSpec
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -111,11 +112,11 @@ def build_tiny_dalpsr(root, seed: int = 0, overwrite: bool = False, layout: str 
                            'use_restoration': True, 'added_prompt': '', 'caption_dropout': 0.0,
                            'restoration_dropout': 0.0, 'empty_dropout': 0.1},
                 'text': {'max_chunks': 3}, 'prediction_type': 'epsilon', 'restoration_prompt_source': 'labels',
+                'restoration_prompt_spec': PromptSpec().to_opt(),
                 'trainable': ['controlnet'], 'trained_parts': {}, 'note': TINY_LABEL}
         export_dalpsr(paths['dalpsr'], cn, meta)
     if overwrite or not (root / 'irpad' / 'irpad.json').is_file():
         from dalpsr.archs.irpad_arch import IRPAD
-        from dalpsr.data.prompt_labels import PromptSpec
         from dalpsr.models.irpad_model import save_irpad
         spec = PromptSpec()
         state = torch.random.get_rng_state()
@@ -125,7 +126,7 @@ def build_tiny_dalpsr(root, seed: int = 0, overwrite: bool = False, layout: str 
         finally:
             torch.random.set_rng_state(state)
         save_irpad(net, {'types': list(spec.types), 'num_intervals': spec.num_intervals}, paths['irpad'],
-                   extra={'note': TINY_LABEL})
+                   extra={'note': TINY_LABEL, 'train_crop': 0})  # predicts on whole LRs
     readme = root / 'README.md'
     if not readme.is_file():
         readme.write_text(f'{TINY_LABEL}.\nWritten by dalpsr.inference.tiny.build_tiny_dalpsr(seed={seed}): '

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from torch import nn
 
 from dalpsr.models.base_model import BaseModel, resolve_model_block
 from dalpsr.utils.misc import sample_rng
-from dalpsr.utils.options import OptionError, check_keys
+from dalpsr.utils.options import OptionError, check_keys, get_opt
 from dalpsr.utils.registry import MODEL_REGISTRY
 
 logger = logging.getLogger('dalpsr')
@@ -371,11 +371,27 @@ class DaLPSRModel(BaseModel):
         return out
 
     # ---- export
+    def restoration_prompt_spec(self) -> Optional[Dict[str, Any]]:
+        """The PromptSpec (``to_opt()``) the restoration prompts p_r were written with: the IRPAD's
+        (``restoration_prompt_source: irpad``), the training data's ``prompt`` options
+        (``labels``; default spec when the dataset gives none) or None (``none``)."""
+        from dalpsr.data.prompt_labels import PromptSpec
+        source = self.cfg['restoration_prompt_source']
+        if source == 'none':
+            return None
+        if source == 'irpad':
+            return self.irpad.spec.to_opt()
+        train = get_opt(self.opt, 'datasets.train', None) or {}
+        data_prompt = train['prompt'] if 'prompt' in train else (train.get('build') or {}).get('prompt')
+        return PromptSpec.from_opt(data_prompt).to_opt()
+
     def export_meta(self) -> Dict[str, Any]:
-        from dalpsr.data.prompt_compose import PromptComposer  # noqa: F401
+        """``dalpsr.json`` content; ``restoration_prompt_spec`` is what test.py compares with the
+        IRPAD export's spec (docs/inference.md)."""
         return {'sd': dict(self.sd_source), 'scale': self.scale, 'prompt': self.composer.to_opt(),
                 'text': {'max_chunks': self.max_chunks}, 'prediction_type': self.prediction_type,
                 'restoration_prompt_source': self.cfg['restoration_prompt_source'],
+                'restoration_prompt_spec': self.restoration_prompt_spec(),
                 'trainable': list(self.trainable_patterns), 'trained_parts': {}}
 
     def export(self, out_dir: str) -> None:

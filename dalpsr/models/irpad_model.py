@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -23,11 +25,13 @@ import torch.nn.functional as F
 from dalpsr.models.base_model import BaseModel
 from dalpsr.utils.registry import MODEL_REGISTRY
 
-__all__ = ['IRPADModel', 'IRPADPredictor', 'build_irpad', 'confusion_metrics', 'confusion_matrices',
+__all__ = ['IRPADModel', 'IRPADPredictor', 'crop_starts', 'build_irpad', 'confusion_metrics', 'confusion_matrices',
            'save_irpad', 'load_irpad', 'CONFIG_NAME', 'WEIGHTS_NAME']
 
 CONFIG_NAME = 'irpad.json'
 WEIGHTS_NAME = 'irpad.safetensors'
+
+logger = logging.getLogger('dalpsr')
 
 
 def _spec_from_opt(prompt_opt):
@@ -97,7 +101,8 @@ def save_irpad(net, prompt_opt: Optional[Dict[str, Any]], out_dir: str, extra: O
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     with atomic_path(os.path.join(out_dir, WEIGHTS_NAME)) as tmp:
         save_file(state, str(tmp))
-    meta = {'format': 'dalpsr-irpad-1', 'arch': net.config, 'prompt': prompt_opt or {}}
+    # the full spec (types, intervals, templates, separator, noise severity), defaults written out
+    meta = {'format': 'dalpsr-irpad-1', 'arch': net.config, 'prompt': _spec_from_opt(prompt_opt or None).to_opt()}
     meta.update(extra or {})
     atomic_write_json(os.path.join(out_dir, CONFIG_NAME), meta)
 
@@ -126,6 +131,8 @@ def load_irpad(path: str, map_location='cpu'):
     if missing or unexpected:
         raise ValueError(f"{w_path}: weights do not match the config (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
+    if 'prompt' not in meta:
+        logger.info(f'{cfg_path} records no prompt spec (an older export): the default spec is assumed')
     spec = _spec_from_opt(meta.get('prompt') or None)
     if len(spec.types) != net.num_types or spec.num_intervals != net.num_intervals:
         raise ValueError(f"{cfg_path}: prompt spec ({len(spec.types)} types x {spec.num_intervals}) does not "
@@ -273,30 +280,60 @@ class IRPADModel(BaseModel):
     # ---- export ------------------------------------------------------------------------
     def export(self, out_dir: str) -> None:
         save_irpad(self.unwrap(self.net), self.spec.to_opt(), out_dir,
-                   extra={'trained_with': self.opt.get('_source'), 'name': self.opt.get('name')})
+                   extra={'trained_with': self.opt.get('_source'), 'name': self.opt.get('name'),
+                          'train_crop': self.train_crop, 'train_crop_align': self.train_crop_align})
 
 
 # --------------------------------------------------------------------------------------------
 # inference API (C7)
 # --------------------------------------------------------------------------------------------
+def crop_starts(size: int, crop: int, align: int = 1) -> List[int]:
+    """Start offsets of crops of length ``crop`` that cover ``[0, size)``: one crop (offset 0)
+    when ``size <= crop``, else ``ceil((size - crop) / crop) + 1`` evenly spread offsets from 0 to
+    ``size - crop``, each rounded down to a multiple of ``align`` (the JPEG 8x8 grid, as in
+    training; the last crop then stops at most ``align - 1`` pixels short of the border)."""
+    if size <= crop:
+        return [0]
+    last = size - crop
+    n = math.ceil(last / crop) + 1
+    starts = [(round(i * last / (n - 1)) // align) * align for i in range(n)]
+    return sorted(set(starts))
+
+
 class IRPADPredictor:
     """Degradation prompt from LR images with a trained IRPAD.
+
+    IRPAD sees at test time what it saw in training: with an export that records
+    ``train_crop`` > 0, the LR is cut into crops of that size (offsets from :func:`crop_starts`,
+    aligned as in training) and the logits are averaged over the crops; an LR no larger than the
+    crop is one crop (the whole image). ``train_crop`` 0 (trained on whole LRs) or absent (an
+    older export; logged) predicts on the whole LR. ``crop`` overrides it (0: whole LR).
 
     >>> pred = IRPADPredictor.from_pretrained('experiments/irpad_cpu/export')   # doctest: +SKIP
     >>> pred.predict_prompt(lq)   # lq [B, 3, h, w] in [0, 1]                    # doctest: +SKIP
     ['Deblur with sigma 0.5~0.75, Denoise with sigma 0~0.25, Dejpeg with sigma 0.25~0.5', ...]
     """
 
-    def __init__(self, net, spec, device='cpu', meta: Optional[Dict[str, Any]] = None):
+    def __init__(self, net, spec, device='cpu', meta: Optional[Dict[str, Any]] = None, crop: Optional[int] = None,
+                 crop_align: Optional[int] = None, crop_batch: int = 16):
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.spec = spec
         self.meta = meta or {}
+        if crop is None:
+            if 'train_crop' not in self.meta:
+                logger.info('IRPAD export records no train_crop (an older export): predicting on whole LR images')
+            crop = self.meta.get('train_crop') or 0
+        self.crop = int(crop)
+        self.crop_align = int(crop_align if crop_align is not None else self.meta.get('train_crop_align') or 1)
+        self.crop_batch = max(1, int(crop_batch))
+        if self.crop < 0 or self.crop_align < 1:
+            raise ValueError(f'IRPADPredictor: crop must be >= 0 and crop_align >= 1, got {self.crop}, {self.crop_align}')
 
     @classmethod
-    def from_pretrained(cls, path_or_dir: str, device='cpu') -> 'IRPADPredictor':
+    def from_pretrained(cls, path_or_dir: str, device='cpu', **kwargs) -> 'IRPADPredictor':
         net, spec, meta = load_irpad(path_or_dir)
-        return cls(net, spec, device, meta)
+        return cls(net, spec, device, meta, **kwargs)
 
     @property
     def types(self) -> List[str]:
@@ -308,10 +345,27 @@ class IRPADPredictor:
                              f'{tuple(lq.shape) if torch.is_tensor(lq) else type(lq).__name__}')
         return lq.to(self.device, torch.float32)
 
+    def crops(self, h: int, w: int) -> List[tuple]:
+        """``(y, x, ch, cw)`` of every crop of an ``h x w`` LR (one, the whole LR, without crop)."""
+        if self.crop <= 0:
+            return [(0, 0, h, w)]
+        ch, cw = min(self.crop, h), min(self.crop, w)
+        return [(y, x, ch, cw) for y in crop_starts(h, ch, self.crop_align) for x in crop_starts(w, cw, self.crop_align)]
+
     @torch.no_grad()
     def predict_logits(self, lq: torch.Tensor) -> torch.Tensor:
-        """lq [B, 3, h, w] in [0, 1] -> scores [B, T, K]."""
-        return self.net(self._check(lq))
+        """lq [B, 3, h, w] in [0, 1] -> scores [B, T, K] (mean over the crops' logits)."""
+        lq = self._check(lq)
+        boxes = self.crops(*lq.shape[-2:])
+        if len(boxes) == 1 and boxes[0][2:] == tuple(lq.shape[-2:]):
+            return self.net(lq)
+        total = None
+        for i in range(0, len(boxes), self.crop_batch):
+            part = boxes[i:i + self.crop_batch]
+            x = torch.cat([lq[:, :, y:y + ch, x0:x0 + cw] for y, x0, ch, cw in part])   # [n*B, 3, ch, cw]
+            s = self.net(x).view(len(part), lq.shape[0], self.spec.num_types, self.spec.num_intervals).sum(0)
+            total = s if total is None else total + s
+        return total / len(boxes)
 
     @torch.no_grad()
     def predict_probs(self, lq: torch.Tensor) -> torch.Tensor:
