@@ -276,13 +276,17 @@ def test_model_trains_through_the_loop_exports_and_predictor_round_trips(tmp_pat
         assert 0.0 <= res['val'][key] <= 1.0
     export = res['export']
     assert os.path.isfile(os.path.join(export, 'irpad.safetensors'))
+    # trained on 16 px crops: the predictor averages the logits of 16 px crops (issue 13.7)
     pred = IRPADPredictor.from_pretrained(str(export))
+    assert pred.crop == 16
     ds = CachedLRDataset(small_cache)
     lq = torch.stack([ds[i]['lq'] for i in range(3)])
     net = res['model'].unwrap(res['model'].net).eval()
     with torch.no_grad():
-        ref = net(lq)
+        ref = torch.stack([net(lq[:, :, y:y + h, x:x + w]) for y, x, h, w in pred.crops(*lq.shape[-2:])]).mean(0)
+        whole = IRPADPredictor.from_pretrained(str(export), crop=0).predict_logits(lq)
     assert torch.allclose(pred.predict_logits(lq), ref, atol=1e-5)
+    assert torch.allclose(whole, net(lq), atol=1e-5)
     labels = pred.predict_labels(lq)
     assert labels.dtype == torch.long and labels.shape == (3, 3)
     assert torch.equal(labels, ref.argmax(-1))
