@@ -1,6 +1,7 @@
 """Issue 13.7: IRPAD predicts on crops of its training size (logits averaged), both exports record
 the restoration prompt spec, and test.py refuses an IRPAD whose spec differs from the model's."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,7 +130,7 @@ def test_test_script_refuses_an_irpad_of_another_spec_in_one_line(tiny, tmp_path
     from dalpsr import test as T
     from dalpsr.inference.options import resolve_test_opt
     from dalpsr.utils.options import OptionError
-    recorded = json.loads(open(f"{tiny['dalpsr']}/dalpsr.json").read())['restoration_prompt_spec']
+    recorded = json.loads((Path(tiny['dalpsr']) / 'dalpsr.json').read_text())['restoration_prompt_spec']
     assert recorded == PromptSpec().to_opt()
     resolve_test_opt(_test_opt(tiny, tiny['irpad'], tmp_path))         # same spec: accepted
     other = PromptSpec(noise_severity='measured')
@@ -147,7 +148,7 @@ def test_test_script_refuses_an_irpad_of_another_spec_in_one_line(tiny, tmp_path
     assert out.startswith('error: ') and '\n' not in out and 'irpad_measured' in out
     assert not (tmp_path / 'results').exists()
     # an older DaLPSR export (no recorded spec) is taken as the default spec
-    meta = json.loads(open(f"{tiny['dalpsr']}/dalpsr.json").read())
+    meta = json.loads((Path(tiny['dalpsr']) / 'dalpsr.json').read_text())
     old_dir = tmp_path / 'old_dalpsr'
     old_dir.mkdir()
     del meta['restoration_prompt_spec']
@@ -158,3 +159,27 @@ def test_test_script_refuses_an_irpad_of_another_spec_in_one_line(tiny, tmp_path
     opt['irpad']['path'] = str(tmp_path / 'irpad_measured')
     with pytest.raises(OptionError, match=r'not recorded: default'):
         resolve_test_opt(opt)
+
+
+def test_clip_path_resizes_with_antialiasing():
+    """A large LR shrunk to the CLIP tower's input is low-passed first: white noise keeps far less
+    of its std than with a plain bicubic resize (which aliases it through unchanged)."""
+    import open_clip
+    import torch.nn.functional as F
+
+    from dalpsr.archs.irpad_arch import OpenCLIPImageEncoder
+    cfg = {'embed_dim': 16, 'vision_cfg': {'image_size': 32, 'layers': 1, 'width': 32, 'patch_size': 8,
+                                           'head_width': 16},
+           'text_cfg': {'context_length': 77, 'vocab_size': 49408, 'width': 32, 'heads': 2, 'layers': 1}}
+    torch.manual_seed(0)
+    enc = OpenCLIPImageEncoder('tiny', _model=open_clip.CLIP(**cfg))
+    seen = {}
+    enc.visual.register_forward_pre_hook(lambda m, args: seen.update(x=args[0] * enc.std + enc.mean))
+    lq = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        enc(lq)
+    got = seen['x']
+    assert got.shape == (1, 3, 32, 32)
+    assert torch.allclose(got, F.interpolate(lq, size=(32, 32), mode='bicubic', antialias=True), atol=1e-5)
+    plain = F.interpolate(lq, size=(32, 32), mode='bicubic', align_corners=False)
+    assert float(got.std()) < 0.5 * float(plain.std())
