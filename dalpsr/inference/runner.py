@@ -82,7 +82,7 @@ def _run(opt: Dict[str, Any], restorer, payload: Dict[str, Any], out: Path, devi
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     sets = _prepare_sets(opt, restorer, out, device, shard)
-    metric_set, metric_info = _metric_set(opt, sets)
+    metric_set, metric_info = _metric_set(opt, sets, shard)
     for ts in sets:
         restore_set(ts, restorer, opt, metric_set, device, shard)
     shard.barrier()  # every process has written its records
@@ -144,12 +144,13 @@ def _prepare_sets(opt: Dict[str, Any], restorer, out: Path, device: str, shard: 
     return sets
 
 
-def _metric_set(opt: Dict[str, Any], sets: List[TestSet]):
+def _metric_set(opt: Dict[str, Any], sets: List[TestSet], shard: Optional[Shard] = None):
     if not (opt['metrics']['names'] and any(ts.gt and ts.todo for ts in sets)):
         return None, None
     from dalpsr.metrics.iqa import MetricSet
     mt = opt['metrics']
-    ms = MetricSet(mt['names'], device=resolve_device(mt['device']), weights_dir=mt['weights_dir'],
+    dev = local_device(resolve_device(mt['device']), shard or Shard())  # this process's GPU when sharded
+    ms = MetricSet(mt['names'], device=dev, weights_dir=mt['weights_dir'],
                    crop_border=int(mt['crop_border']), seed=opt['seed'], options=mt['options'], logger=logger)
     return ms, ms.describe()
 
