@@ -158,6 +158,9 @@ RUN_BY_TEST: List[Tuple[str, str]] = [
      'tests/test_sharding.py::test_generate_lq_two_processes_resume_a_killed_run_into_the_same_bytes'),
     (r'^accelerate launch --multi_gpu --num_processes 2 .*dalpsr/train\.py -opt options/reference/train\.yml$',
      'tests/test_accelerate_multiproc.py::test_two_process_cpu_run'),
+    (r'^accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no '
+     r'dalpsr/test\.py -opt options/test/test_bicubic\.yml ',
+     'tests/test_test_sharding.py::test_two_processes_write_the_bytes_and_records_of_one'),
     (r'^python scripts/iqa\.py -opt options/test/iqa_example\.yml',
      'tests/test_iqa.py::test_cli_flags_and_options_file'),
     (r'^python scripts/iqa\.py --sr results/ours/RealSR --gt datasets/RealSR/HR --out ',
@@ -198,6 +201,8 @@ PARSE_ONLY: List[Tuple[str, str]] = [
     (r'^accelerate launch .*--num_processes (8|16|32) .*scripts/generate_lq\.py', 'several machines and ' + DATA),
     (r'^python dalpsr/train\.py -opt options/train/train_caption_align\.yml$', LLAVA),
     (r'^accelerate launch .*dalpsr/train\.py -opt options/train/\w*sd21\w*\.yml', SD + '; ' + GPU),
+    (r'^accelerate launch .*--num_processes 8 .*dalpsr/test\.py -opt options/test/test_dalpsr_sd21\.yml$',
+     SD + '; ' + GPU),
     (r'^accelerate launch .*dalpsr/train\.py -opt options/train/train_deedsr_stage1\.yml', GPU + ' and ' + DATA),
     (r'^accelerate launch .*dalpsr/train\.py -opt options/train/(train_srclip_vitb32|train_realdat_x4)\.yml',
      GPU + ' and the real CLIP ViT-B/32 weights'),

@@ -9,6 +9,7 @@ inputs          LR files under the input rules (gray/RGBA/16-bit/corrupt/tiny/hu
 prompts         caption (p_s) and restoration-prompt (p_r) caches and the models making them
 results         result folders (one rule: dalpsr.utils.experiment), a set's records, summaries
 runner          ``test(opt)``: sets -> prompts -> batches -> restorer -> outputs + records
+sharded         the run under ``accelerate launch``: units per process, part files merged
 ==============  ===========================================================================
 
 A method plugs in as a registered :class:`dalpsr.restorers.base.Restorer`; diffusion methods

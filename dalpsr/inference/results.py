@@ -79,6 +79,8 @@ class TestSet:
         self.captions: Dict[str, str] = {}
         self.restoration: Dict[str, str] = {}
         self.notes: Dict[str, List[str]] = {}
+        self.shapes: Dict[str, Tuple[int, ...]] = {}  # LR shape (H, W, C) of the images checked
+        self.units: List[List[Tuple[str, Path]]] = []  # batches of todo (dalpsr.inference.sharded.units)
 
     def output_path(self, key: str) -> Path:
         return self.dir / f"{key}.{self.opt['test']['ext']}"
@@ -108,6 +110,7 @@ def check_inputs(ts: TestSet, rules: Dict[str, Any]) -> None:
             reject(ts, key, path, err)
             continue
         ts.notes[key] = notes
+        ts.shapes[key] = tuple(img.shape)
         keep.append((key, path))
     ts.todo = keep
 

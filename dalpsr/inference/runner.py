@@ -14,15 +14,17 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from dalpsr.inference.inputs import InputRejected, gt_key, load_lr, read_gt
+from dalpsr.inference.inputs import InputRejected, gt_key, list_set_images, load_lr, read_gt
 from dalpsr.inference.options import batch_size, device as resolve_device, fingerprint_payload, image_seed, \
     method_class, resolve_test_opt
 from dalpsr.inference.prompts import PromptModels, fill_captions, fill_restoration
-from dalpsr.inference.results import TestSet, check_inputs, peak_memory, prepare_results, progress, reject, \
-    summarize_set
+from dalpsr.inference.results import RECORDS, TestSet, check_inputs, peak_memory, prepare_results, progress, \
+    reject, summarize_set
+from dalpsr.inference.sharded import local_device, merge_records, share, units
 from dalpsr.utils.experiment import library_versions
-from dalpsr.utils.misc import atomic_write_json, atomic_write_text, get_time_str
+from dalpsr.utils.misc import atomic_write_json, atomic_write_text, get_time_str, read_jsonl
 from dalpsr.utils.options import dump_options
+from dalpsr.utils.sharding import Shard, current_shard
 
 logger = logging.getLogger('dalpsr')
 #: record keys a restorer's last_stats may not overwrite
@@ -45,63 +47,110 @@ def test(opt: Dict[str, Any], force: Optional[bool] = None) -> Dict[str, Any]:
     if force is None:
         force = bool((opt.get('_args') or {}).get('force', False))
     opt = resolve_test_opt(opt)
-    device = resolve_device(opt['model']['device'])
+    shard = current_shard()
+    device = local_device(resolve_device(opt['model']['device']), shard)
     restorer = build_method(opt, device)
     payload = fingerprint_payload(opt, restorer.describe(), getattr(restorer, 'option_blocks', ()))
     for key, block in opt['datasets'].items():  # check the inputs exist before touching the results folder
         if not Path(block['dataroot_lq']).is_dir():
             raise FileNotFoundError(f"datasets.{key}.dataroot_lq: folder not found: {block['dataroot_lq']}")
-    out = prepare_results(opt, payload, force)
+    out = Path(opt['path']['results_root']) / opt['name']
+    refused = None
+    if shard.is_main:  # only the main process decides (resume / refuse / archive) the folder
+        try:
+            out = prepare_results(opt, payload, force)
+        except FileExistsError as err:
+            refused = str(err)
+    refused = share(shard, refused)
+    if refused:
+        raise FileExistsError(refused if shard.is_main else f'the main process refused the folder: {refused}')
     get_root_logger('dalpsr')
     handler = logging.FileHandler(out / 'test.log', mode='a', encoding='utf-8')
-    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s: %(message)s'))
+    rank = f'[{shard.rank}/{shard.world_size}] ' if shard.distributed else ''
+    handler.setFormatter(logging.Formatter(f'%(asctime)s %(levelname)s: {rank}%(message)s'))
     logger.addHandler(handler)
     try:
-        return _run(opt, restorer, payload, out, device)
+        return _run(opt, restorer, payload, out, device, shard)
     finally:
         logger.removeHandler(handler)
         handler.close()
 
 
-def _run(opt: Dict[str, Any], restorer, payload: Dict[str, Any], out: Path, device: str) -> Dict[str, Any]:
-    atomic_write_text(out / 'options.yml', dump_options(opt))
+def _run(opt: Dict[str, Any], restorer, payload: Dict[str, Any], out: Path, device: str,
+         shard: Shard) -> Dict[str, Any]:
     import torch
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    note = (getattr(restorer, 'meta', None) or {}).get('note')
-    logger.info(f"test {opt['name']} -> {out} (device {device}, method {opt['method']['type']})"
-                f"{' [' + note + ']' if note else ''}")
-    needs = set(restorer.needs)
-    if 'restoration' in needs and opt['irpad']['source'] == 'none':
-        logger.warning('the model was trained with restoration prompts but irpad.source is none: p_r stays empty')
-    sets = [TestSet(k, b, out, opt) for k, b in opt['datasets'].items()]
+    sets = _prepare_sets(opt, restorer, out, device, shard)
+    metric_set, metric_info = _metric_set(opt, sets, shard)
     for ts in sets:
-        logger.info(f'[{ts.name}] {len(ts.images)} images ({ts.resumed} already done, {len(ts.todo)} to do'
-                    f"{f', {ts.ignored} non-image files ignored' if ts.ignored else ''})")
-        check_inputs(ts, opt['test'])
-    models = PromptModels(opt, device)
-    for ts in sets:  # stage by model so only one large model needs to be resident at a time
-        fill_captions(ts, models, opt, 'caption' in needs)
-    if opt['captioner']['free_after_use']:
-        models.free('captioner')
-    for ts in sets:
-        fill_restoration(ts, models, opt, 'restoration' in needs)
-    models.free('irpad')
-    metric_set, metric_info = _metric_set(opt, sets)
+        restore_set(ts, restorer, opt, metric_set, device, shard)
+    shard.barrier()  # every process has written its records
+    if not shard.is_main:
+        return {'dir': out, 'sets': {}}
     results = {}
     for ts in sets:
-        restore_set(ts, restorer, opt, metric_set, device)
+        _merge(ts)
         results[ts.name] = _finish_set(ts, metric_info, payload)
     atomic_write_json(out / 'summary.json', {'name': opt['name'], 'sets': results, 'finished': get_time_str()})
     return {'dir': out, 'sets': results}
 
 
-def _metric_set(opt: Dict[str, Any], sets: List[TestSet]):
+def _merge(ts: TestSet) -> None:
+    """The main process folds the record part files of ``ts`` (this or a killed run) into records.jsonl."""
+    records = ts.dir / RECORDS
+    if merge_records(records, [k for k, _ in ts.images]) or ts.records_file != records:
+        ts.records_file = records
+        ts.records = {r['key']: r for r in read_jsonl(records)} if records.is_file() else {}
+
+
+def _prepare_sets(opt: Dict[str, Any], restorer, out: Path, device: str, shard: Shard) -> List[TestSet]:
+    """Main process: input rules and prompts of every set (once); every process gets the result."""
+    needs = set(restorer.needs)
+    shared = None
+    if shard.is_main:
+        atomic_write_text(out / 'options.yml', dump_options(opt))
+        note = (getattr(restorer, 'meta', None) or {}).get('note')
+        procs = f', {shard.world_size} processes' if shard.distributed else ''
+        logger.info(f"test {opt['name']} -> {out} (device {device}, method {opt['method']['type']}{procs})"
+                    f"{' [' + note + ']' if note else ''}")
+        if 'restoration' in needs and opt['irpad']['source'] == 'none':
+            logger.warning('the model was trained with restoration prompts but irpad.source is none: p_r stays empty')
+        for block in opt['datasets'].values():  # records of a killed sharded run first, in image order
+            images, _ = list_set_images(Path(block['dataroot_lq']), bool(opt['test']['recursive']))
+            merge_records(out / block['name'] / RECORDS, [k for k, _ in images])
+        sets = [TestSet(k, b, out, opt) for k, b in opt['datasets'].items()]
+        for ts in sets:
+            logger.info(f'[{ts.name}] {len(ts.images)} images ({ts.resumed} already done, {len(ts.todo)} to do'
+                        f"{f', {ts.ignored} non-image files ignored' if ts.ignored else ''})")
+            check_inputs(ts, opt['test'])
+        models = PromptModels(opt, device)
+        for ts in sets:  # stage by model so only one large model needs to be resident at a time
+            fill_captions(ts, models, opt, 'caption' in needs)
+        if opt['captioner']['free_after_use']:
+            models.free('captioner')
+        for ts in sets:
+            fill_restoration(ts, models, opt, 'restoration' in needs)
+        models.free('irpad')
+        shared = [(units(ts.todo, batch_size(opt), ts.shapes), ts.captions, ts.restoration, ts.notes)
+                  for ts in sets]
+    shared = share(shard, shared)
+    if not shard.is_main:
+        sets = [TestSet(k, b, out, opt) for k, b in opt['datasets'].items()]
+    for ts, (batches, captions, restoration, notes) in zip(sets, shared):
+        ts.units, ts.captions, ts.restoration, ts.notes = batches, captions, restoration, notes
+        ts.todo = [item for unit in batches for item in unit]
+        ts.records_file = shard.part_path(ts.records_file)
+    return sets
+
+
+def _metric_set(opt: Dict[str, Any], sets: List[TestSet], shard: Optional[Shard] = None):
     if not (opt['metrics']['names'] and any(ts.gt and ts.todo for ts in sets)):
         return None, None
     from dalpsr.metrics.iqa import MetricSet
     mt = opt['metrics']
-    ms = MetricSet(mt['names'], device=resolve_device(mt['device']), weights_dir=mt['weights_dir'],
+    dev = local_device(resolve_device(mt['device']), shard or Shard())  # this process's GPU when sharded
+    ms = MetricSet(mt['names'], device=dev, weights_dir=mt['weights_dir'],
                    crop_border=int(mt['crop_border']), seed=opt['seed'], options=mt['options'], logger=logger)
     return ms, ms.describe()
 
@@ -140,15 +189,28 @@ def _next_batch(ts: TestSet, todo: List[Tuple[str, Path]], i: int, size: int, ru
     return batch, i
 
 
-def restore_set(ts: TestSet, restorer, opt: Dict[str, Any], metric_set, device: str) -> None:
-    """Restore every image still to do of one set (batches of one LR size), with records."""
+def restore_set(ts: TestSet, restorer, opt: Dict[str, Any], metric_set, device: str,
+                shard: Optional[Shard] = None) -> None:
+    """Restore this process's units of the images still to do of one set (``ts.units``, the batches
+    of consecutive images of one LR size one process would make), with records."""
+    shard = shard or Shard()
+    mine = shard.take(ts.units or units(ts.todo, batch_size(opt), ts.shapes))
+    if not mine:
+        return
+    bar = progress(sum(map(len, mine)), f'{ts.name}: SR', opt['test']['progress_bar'])
+    if shard.distributed:
+        logger.info(f'[{ts.name}] process {shard.rank} of {shard.world_size}: {sum(map(len, mine))} images')
+    for unit in mine:
+        _restore_unit(ts, unit, restorer, opt, metric_set, device, bar)
+    bar.close()
+
+
+def _restore_unit(ts: TestSet, todo: List[Tuple[str, Path]], restorer, opt: Dict[str, Any], metric_set,
+                  device: str, bar) -> None:
     import torch
 
     from dalpsr.utils.img_io import img2tensor
-    if not ts.todo:
-        return
-    bar = progress(len(ts.todo), f'{ts.name}: SR', opt['test']['progress_bar'])
-    todo, i = list(ts.todo), 0
+    i = 0
     while i < len(todo):
         batch, i = _next_batch(ts, todo, i, batch_size(opt), opt['test'], bar)
         if not batch:
@@ -188,7 +250,6 @@ def restore_set(ts: TestSet, restorer, opt: Dict[str, Any], metric_set, device: 
             _write_output(ts, key, rec, sr[j], metric_set, opt)
         bar.update(len(batch))
         bar.set_postfix_str(f'{dt:.2f} s/img')
-    bar.close()
 
 
 def _add_stats(rec: Dict[str, Any], stats: Dict[str, Any], j: int, n: int) -> None:
