@@ -66,8 +66,24 @@ def _tokenizer(context_length: int):
     return SimpleTokenizer(context_length=int(context_length))
 
 
+class _TwoTowerCalls:
+    """What SRCLIP and SRCLIPLite share: open_clip tokenization of captions and one ``forward``
+    that encodes images and/or tokens (DDP wraps one call)."""
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Captions -> open_clip token ids ``[N, context_length]``."""
+        if self._tok is None:
+            self._tok = _tokenizer(self.context_length)
+        return self._tok(list(texts))
+
+    def forward(self, img: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None):
+        """``(encode_image(img) or None, encode_text(tokens) or None)`` in one call (what DDP wraps)."""
+        return (self.encode_image(img) if img is not None else None,
+                self.encode_text(tokens) if tokens is not None else None)
+
+
 @ARCH_REGISTRY.register()
-class SRCLIP(nn.Module):
+class SRCLIP(_TwoTowerCalls, nn.Module):
     """Module doc. Args: ``model_name``/``pretrained``/``clip_config`` (see :func:`build_open_clip`),
     ``num_fine`` (5 degradation types)."""
 
@@ -148,16 +164,6 @@ class SRCLIP(nn.Module):
         with torch.no_grad():
             return F.normalize(self.clip.encode_text(tokens), dim=-1)
 
-    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        if self._tok is None:
-            self._tok = _tokenizer(self.context_length)
-        return self._tok(list(texts))
-
-    def forward(self, img: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None):
-        """``(encode_image(img) or None, encode_text(tokens) or None)`` in one call (what DDP wraps)."""
-        return (self.encode_image(img) if img is not None else None,
-                self.encode_text(tokens) if tokens is not None else None)
-
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
         """The trained parts (control tower, zero projections, fine head); the frozen CLIP comes
         from ``model_name``/``pretrained`` when loading, so it is stored too only when it has no
@@ -173,7 +179,7 @@ class _ConvStage(nn.Sequential):
 
 
 @ARCH_REGISTRY.register()
-class SRCLIPLite(nn.Module):
+class SRCLIPLite(_TwoTowerCalls, nn.Module):
     """Module doc. Args: ``embed_dim`` E; ``channels`` of the conv stages (the first keeps the
     resolution, the others halve it); ``input_size`` (resize the image to it, bilinear; None:
     native size, the encoder pools globally); text tower ``text_width``/``text_layers``/
@@ -221,16 +227,6 @@ class SRCLIPLite(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         _check_text(self)
         return F.normalize(self.text(tokens), dim=-1)
-
-    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        if self._tok is None:
-            self._tok = _tokenizer(self.context_length)
-        return self._tok(list(texts))
-
-    def forward(self, img: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None):
-        """``(encode_image(img) or None, encode_text(tokens) or None)`` in one call (what DDP wraps)."""
-        return (self.encode_image(img) if img is not None else None,
-                self.encode_text(tokens) if tokens is not None else None)
 
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
         return dict(self.state_dict())
