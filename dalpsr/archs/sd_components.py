@@ -290,6 +290,21 @@ def build_tiny_sd(out_dir, seed: int = 0, prediction_type: str = 'epsilon', over
     return str(out)
 
 
+def set_attention(modules, mode: str = 'sdpa') -> None:
+    """Attention processors of diffusers ``modules`` (UNet, ControlNet): ``sdpa`` =
+    ``AttnProcessor2_0`` (PyTorch's fused scaled-dot-product attention), ``default`` = diffusers'
+    default choice. Processors installed by wrappers elsewhere are replaced too, so call this
+    before installing method-specific processors."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    if mode not in ('sdpa', 'default'):
+        raise ValueError(f"attention must be 'sdpa' or 'default', got {mode!r}")
+    for m in modules:
+        if mode == 'sdpa':
+            m.set_attn_processor(AttnProcessor2_0())
+        else:
+            m.set_default_attn_processor()
+
+
 def encode_images(vae, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
     """Images [B,3,H,W] in [0,1] -> scaled latents [B,C,H/f,W/f] (``mean`` or a sample, times
     ``vae.config.scaling_factor``), computed in the VAE's dtype."""

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dalpsr.archs.sd_components import set_attention
 from dalpsr.models.base_model import BaseModel, resolve_model_block
 from dalpsr.utils.misc import sample_rng
 from dalpsr.utils.options import OptionError, check_keys, get_opt
@@ -166,13 +167,7 @@ class DaLPSRModel(BaseModel):
             logger.warning('frozen parts in fp16 on CPU are slow; use frozen_dtype fp32 or bf16 on CPU')
 
         # ---- attention processors and gradient checkpointing
-        if cfg['attention'] == 'sdpa':
-            from diffusers.models.attention_processor import AttnProcessor2_0
-            for m in (self.unet, self.controlnet):
-                m.set_attn_processor(AttnProcessor2_0())
-        else:
-            for m in (self.unet, self.controlnet):
-                m.set_default_attn_processor()
+        set_attention((self.unet, self.controlnet), cfg['attention'])
         if cfg['gradient_checkpointing']:
             self.controlnet.enable_gradient_checkpointing()
             self.unet.enable_gradient_checkpointing()  # recomputes the frozen decoder in backward

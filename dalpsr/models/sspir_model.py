@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dalpsr.archs.sd_components import set_attention
 from dalpsr.models.base_model import BaseModel, resolve_model_block
 from dalpsr.utils.experiment import merge_defaults
 from dalpsr.utils.misc import sample_rng
@@ -157,13 +158,7 @@ class SSPIRModel(BaseModel):
             _place(m, self.device, frozen)
             m.eval()
         self.unet.eval()  # dropout-free; its new layers have no train-only behaviour
-        if cfg['attention'] == 'sdpa':
-            from diffusers.models.attention_processor import AttnProcessor2_0
-            for m in (self.unet, self.controlnet):
-                m.set_attn_processor(AttnProcessor2_0())
-        else:
-            for m in (self.unet, self.controlnet):
-                m.set_default_attn_processor()
+        set_attention((self.unet, self.controlnet), cfg['attention'])
         if cfg['gradient_checkpointing']:
             self.controlnet.enable_gradient_checkpointing()
             self.unet.enable_gradient_checkpointing()

@@ -89,9 +89,8 @@ class SSPIRNets:
         self.scale, self.max_chunks = int(scale), int(max_chunks)
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype)
-        from diffusers.models.attention_processor import AttnProcessor2_0
-        for m in (components.unet, controlnet):
-            m.set_attn_processor(AttnProcessor2_0())
+        from dalpsr.archs.sd_components import set_attention
+        set_attention((components.unet, controlnet), 'sdpa')
         for m in (components.unet, components.text_encoder, controlnet, processor, refine, clip_prior):
             m.requires_grad_(False)
             m.eval()
