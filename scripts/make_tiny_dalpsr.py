@@ -20,7 +20,8 @@ def main(argv=None) -> int:
     p.add_argument('--seed', type=int, default=0, help='seed of the random weights (default 0)')
     p.add_argument('--overwrite', action='store_true', help='rebuild parts that already exist')
     p.add_argument('--layout', default='fast', choices=('fast', 'sd'),
-                   help="fast (default: attention at half latent resolution, none in the VAE) or sd (SD's layout)")
+                   help="fast (default: small widths, attention at 1/8 latent resolution only, none in the VAE) "
+                        "or sd (SD's layout, the stand-in of earlier versions)")
     args = p.parse_args(argv)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     import torch

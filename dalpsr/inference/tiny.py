@@ -12,13 +12,17 @@ resume, metrics), never quality. Deterministic given ``seed``.
 
 Layouts (``layout``):
 
-* ``fast`` (default): the tiny SD of ``dalpsr.archs.sd_components`` with its UNet's attention
-  blocks moved to the half-resolution level and no attention in the VAE's mid block. Small in
-  tokens too, so a large image takes seconds: with SD's own layout (``sd``) the stand-in spent
-  71 % of a 448x640 -> 1792x2560 run in ``scaled_dot_product_attention`` (self-attention over the
-  9216 positions of every 96x96 latent tile in UNet and ControlNet, and over the 50176 positions of
-  every 224x224 VAE decoder tile), measured with cProfile in the commit that added this layout;
-  ``benchmarks/bench_tiny_standin.py`` prints both.
+* ``fast`` (default; revision 2): 4 UNet levels of 8/16/32/32 channels with the cross-attention
+  blocks at the lowest (1/8 latent) resolution only (and the mid block), and a VAE of 4/8/8/8
+  channels (4 group-norm groups) with no mid-block attention (:data:`FAST_UNET`, :data:`FAST_VAE`;
+  still diffusers' ``UNet2DConditionModel`` / ``AutoencoderKL``, a ``ControlNetModel`` from the UNet,
+  latent factor 8, the same code path). With SD's layout (``sd``) the stand-in spent 71 % of a
+  448x640 -> 1792x2560 run in ``scaled_dot_product_attention`` (self-attention over the 9216
+  positions of every 96x96 latent tile and the 50176 of every 224x224 VAE decoder tile); revision 1
+  of ``fast`` (attention at half latent resolution, 32/64-channel UNet, 8/16/16/16 VAE) still spent
+  29 % there (2304 positions, 4 heads of 16 dims) and the rest in convolutions of 16-64 channels
+  at full latent and pixel resolution (torch.profiler, in the commit that added revision 2).
+  ``benchmarks/bench_tiny_standin.py`` prints the layouts side by side.
 * ``sd``: ``build_tiny_sd``'s layout as is (attention at full latent resolution, like SD 2.1),
   the stand-in of earlier versions (tests/test_unchanged_inference.py uses it).
 """
@@ -38,6 +42,31 @@ TINY_IRPAD = dict(image_encoder={'type': 'conv', 'channels': [8, 16, 16]}, embed
 LAYOUTS = ('fast', 'sd')
 
 
+#: Revision of each layout, written into ``sd/layout.txt``: a folder of an older revision is rebuilt.
+LAYOUT_REVISION = {'fast': 2, 'sd': 1}
+#: The ``fast`` layout's changes to ``dalpsr.archs.sd_components.TINY_UNET`` / ``TINY_VAE`` (module doc).
+FAST_UNET = dict(block_out_channels=(8, 16, 32, 32),
+                 down_block_types=('DownBlock2D', 'DownBlock2D', 'DownBlock2D', 'CrossAttnDownBlock2D'),
+                 up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D', 'UpBlock2D', 'UpBlock2D'),
+                 attention_head_dim=(2, 2, 2, 2))
+FAST_VAE = dict(block_out_channels=(4, 8, 8, 8), norm_num_groups=4, mid_block_add_attention=False)
+
+
+def layout_id(layout: str) -> str:
+    """The line ``sd/layout.txt`` holds for ``layout``, e.g. ``'fast 2'``."""
+    return f'{layout} {LAYOUT_REVISION[layout]}'
+
+
+def read_layout_id(sd_dir) -> str:
+    """The layout line of a built SD folder (``'sd 1'`` for folders written before layouts existed,
+    ``'fast 1'`` for the first ``fast`` layout, which wrote no revision)."""
+    f = Path(sd_dir) / 'layout.txt'
+    if not f.is_file():
+        return layout_id('sd')
+    words = f.read_text().split()
+    return ' '.join(words) if len(words) == 2 else f'{words[0] if words else "sd"} 1'
+
+
 def _build_sd(path: str, seed: int, layout: str) -> None:
     """The tiny SD folder (written next to ``path`` first, then moved into place)."""
     import shutil
@@ -55,16 +84,15 @@ def _build_sd(path: str, seed: int, layout: str) -> None:
         state = torch.random.get_rng_state()
         try:
             torch.manual_seed(seed)
-            unet = UNet2DConditionModel(**dict(TINY_UNET, down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
-                                               up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D')))
+            unet = UNet2DConditionModel(**dict(TINY_UNET, **FAST_UNET))
             torch.manual_seed(seed + 1)
-            vae = AutoencoderKL(**dict(TINY_VAE, mid_block_add_attention=False))
+            vae = AutoencoderKL(**dict(TINY_VAE, **FAST_VAE))
         finally:
             torch.random.set_rng_state(state)
         for name, net in (('unet', unet), ('vae', vae)):
             shutil.rmtree(tmp / name)
             net.save_pretrained(tmp / name)
-    (tmp / 'layout.txt').write_text(layout + '\n')
+    (tmp / 'layout.txt').write_text(layout_id(layout) + '\n')
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -87,9 +115,8 @@ def build_tiny_dalpsr(root, seed: int = 0, overwrite: bool = False, layout: str 
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     paths = {'sd': str(root / 'sd'), 'dalpsr': str(root / 'dalpsr'), 'irpad': str(root / 'irpad')}
-    layout_file = root / 'sd' / 'layout.txt'
-    old_layout = layout_file.read_text().strip() if layout_file.is_file() else 'sd'
-    rebuilt = overwrite or not (root / 'sd' / 'model_index.json').is_file() or old_layout != layout
+    rebuilt = (overwrite or not (root / 'sd' / 'model_index.json').is_file()
+               or read_layout_id(root / 'sd') != layout_id(layout))
     if rebuilt:
         _build_sd(paths['sd'], seed, layout)
     if rebuilt or not (root / 'dalpsr' / 'dalpsr.json').is_file():
@@ -135,7 +162,8 @@ def build_tiny_dalpsr(root, seed: int = 0, overwrite: bool = False, layout: str 
     return paths
 
 
-__all__ = ['build_tiny_dalpsr', 'TINY_LABEL', 'TINY_IRPAD', 'LAYOUTS']
+__all__ = ['build_tiny_dalpsr', 'TINY_LABEL', 'TINY_IRPAD', 'LAYOUTS', 'LAYOUT_REVISION', 'layout_id',
+           'read_layout_id']
 
 if __name__ == '__main__':  # pragma: no cover
     import sys

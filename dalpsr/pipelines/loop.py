@@ -28,6 +28,9 @@ Per batch of LR images (``lq`` [B,3,h,w] in [0,1] -> SR [B,3,h*scale,w*scale] in
 4. :meth:`DenoisingLoop.decode`: tiled VAE decode, [-1,1] -> [0,1], crop to ``h*scale x w*scale``,
    color fix against ``x_up`` (adain | wavelet | none).
 
+On a CPU device every call runs inside :func:`dalpsr.pipelines.cpu_memory.reuse_freed_memory`
+(freed activations stay in the heap: no page faults for every large layer output; same outputs).
+
 Randomness: one CPU ``torch.Generator`` per image seeded with its seed (initial noise and the
 ancestral noise of stochastic schedulers), so an image's output depends only on its seed, its
 inputs and the settings. Latents and scheduler arithmetic stay float32 on ``device``.
@@ -47,6 +50,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from dalpsr.pipelines.cpu_memory import reuse_freed_memory
 from dalpsr.pipelines.denoiser import Conditions, Denoiser
 from dalpsr.pipelines.schedulers import SCHEDULERS, alphas_cumprod, build_scheduler, canonical_name
 from dalpsr.pipelines.tiling import TileOptions, blend_tiles, tiled_vae_decode, tiled_vae_encode
@@ -216,6 +220,10 @@ class DenoisingLoop:
         if len(seeds) != lq.shape[0]:
             raise ValueError(f'seeds: expected {lq.shape[0]} values (one per image), got {len(seeds)}')
         self.last_stats = {'unet_calls': 0, 'max_latent_tile': None}
+        with reuse_freed_memory(self.device.type == 'cpu'):  # outputs unchanged (cpu_memory module doc)
+            return self._run(lq, denoiser, make_conditions, seeds, settings, output, callback)
+
+    def _run(self, lq, denoiser, make_conditions, seeds, settings, output, callback) -> torch.Tensor:
         t0 = self._now()
         lr = self.prepare(lq, settings.tile)
         self.last_stats['encode_s'] = self._now() - t0
