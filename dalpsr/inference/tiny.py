@@ -21,7 +21,7 @@ Layouts (``layout``):
   positions of every 96x96 latent tile and the 50176 of every 224x224 VAE decoder tile); revision 1
   of ``fast`` (attention at half latent resolution, 32/64-channel UNet, 8/16/16/16 VAE) still spent
   29 % there (2304 positions, 4 heads of 16 dims) and the rest in convolutions of 16-64 channels
-  at full latent and pixel resolution (torch.profiler, in the commit that added revision 2).
+  at full latent and pixel resolution (torch.profiler at commit e12c2e8, before revision 2).
   ``benchmarks/bench_tiny_standin.py`` prints the layouts side by side.
 * ``sd``: ``build_tiny_sd``'s layout as is (attention at full latent resolution, like SD 2.1),
   the stand-in of earlier versions (tests/test_unchanged_inference.py uses it).
