@@ -251,3 +251,16 @@ def test_published_entry_without_source_is_refused(tmp_path):
                  'values: {psnr: 20.0}, source: s}\n')
     with pytest.raises(OptionError, match="protocol 'y'"):
         load_published(str(p))
+
+
+def test_reference_compare_options_document_every_key_and_load(repo_root):
+    from dalpsr.compare.options import DEFAULTS, METHOD_DEFAULTS, SET_DEFAULTS, TOP_KEYS, resolve_compare_options
+    from dalpsr.utils.options import load_yaml
+    from tests.test_options import documented_tree
+    text = (REPO / 'options/reference/compare.yml').read_text()
+    doc = documented_tree(text)
+    keys = set(TOP_KEYS) | {f'{b}.{k}' for b in ('path', 'metrics', 'figure') for k in DEFAULTS[b]}
+    keys |= {f'sets.realsr.{k}' for k in SET_DEFAULTS} | {f'methods.bicubic.{k}' for k in METHOD_DEFAULTS}
+    missing = sorted(k for k in keys if not doc.get(k))
+    assert not missing, f'options/reference/compare.yml does not document (with a comment) {missing}'
+    resolve_compare_options(load_yaml(str(REPO / 'options/reference/compare.yml')))
