@@ -27,6 +27,8 @@ def main(argv=None):
     p.add_argument('--workers', type=int, default=1)
     p.add_argument('--noise-severity', choices=('params', 'measured'), default='params',
                    help='noise labels from the recorded params or from the noise measured in each LR')
+    p.add_argument('--hr-limit', type=int, default=None,
+                   help='use only this many of the HR photos (a fixed random subset; smaller ones nested in larger)')
     p.add_argument('--overwrite', action='store_true')
     args = p.parse_args(argv)
     from dalpsr.data.lr_cache import build_lr_cache, load_lr_cache
@@ -34,7 +36,7 @@ def main(argv=None):
     try:
         build_lr_cache(args.out, hr=args.hr, num_samples=args.num, gt_size=args.gt_size, seed=args.seed,
                        workers=args.workers, overwrite=args.overwrite,
-                       prompt={'noise_severity': args.noise_severity})
+                       prompt={'noise_severity': args.noise_severity}, hr_limit=args.hr_limit)
     except (FileExistsError, FileNotFoundError, ValueError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2

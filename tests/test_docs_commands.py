@@ -206,6 +206,8 @@ PARSE_ONLY: List[Tuple[str, str]] = [
     (r'^python scripts/irpad_feature_probe\.py ', 'needs the LR caches made by make_lr_cache.py'),
     (r'^python scripts/irpad_label_ceiling\.py ', 'needs the LR cache made by make_lr_cache.py'),
     (r'^python scripts/irpad_error_analysis\.py ', 'needs the per-sample results of eval_irpad.py'),
+    (r'^python scripts/plot_irpad_curve\.py ', 'needs the eval_irpad.py folders of the curve runs '
+                                               '(tests/test_plot_irpad_curve.py runs it on made-up metrics)'),
     (r'^python scripts/caption\.py ', LLAVA),
     (r'^accelerate launch .*scripts/caption\.py ', LLAVA + ' (several GPUs / machines)'),
     (r'^accelerate launch .*--num_processes (8|16|32) .*scripts/generate_lq\.py', 'several machines and ' + DATA),

@@ -237,6 +237,28 @@ def test_lr_cache_with_measured_noise_labels_and_stale_build_blocks(tmp_path):
         CachedLRDataset(str(junk))
 
 
+def test_hr_limit_takes_a_fixed_nested_subset_of_the_photos(tmp_path):
+    """``hr_limit`` (the training-set-size curve of docs/irpad.md): N photos of one fixed order,
+    the smaller subsets inside the larger; the cache records them and its build: check sees them."""
+    from dalpsr.data.lr_cache import CachedLRDataset, limit_photos, resolve_hr_paths
+    paths = [f'p{i:03d}.png' for i in range(50)]
+    s3, s10 = limit_photos(paths, 3), limit_photos(paths, 10)
+    assert len(s3) == 3 and len(s10) == 10 and set(s3) < set(s10) and s10 == sorted(s10)
+    assert limit_photos(paths, 10) == s10 and limit_photos(paths, None) == paths
+    assert s3 != paths[:3]  # a random subset, not the first names (sources are sorted into folders)
+    for bad in (0, 51, 2.5, True):
+        with pytest.raises(ValueError, match='hr_limit must be an integer in \\[1, 50\\]'):
+            limit_photos(paths, bad)
+    build = {'hr': 'sample:train', 'num_samples': 5, 'gt_size': 32, 'seed': 1, 'progress': False, 'hr_limit': 2}
+    f = str(tmp_path / 'l.npz')
+    ds = CachedLRDataset(f, build=build)
+    used = [os.path.basename(p) for p in limit_photos(resolve_hr_paths('sample:train'), 2)]
+    assert ds.meta['hr'] == used and ds.meta['hr_limit'] == 2
+    assert {str(k).rsplit('_', 1)[0] for k in np.load(f)['keys']} <= {os.path.splitext(u)[0] for u in used}
+    with pytest.raises(ValueError, match='built with other options'):
+        CachedLRDataset(f, build=dict(build, hr_limit=3))
+
+
 # ------------------------------------------------------------- training model + predictor
 def _model_opt(tmp_path, cache, **model):
     return {'name': 'irpad_test', 'seed': 0, '_source': 'test', 'path': {'experiments_root': str(tmp_path / 'exp')},

@@ -32,7 +32,7 @@ from dalpsr.utils.misc import atomic_path, sample_rng, scan_images
 from dalpsr.utils.registry import DATASET_REGISTRY
 from dalpsr.utils.workers import worker_pool  # one thread per worker, fork-safe
 
-__all__ = ['build_lr_cache', 'load_lr_cache', 'CachedLRDataset', 'resolve_hr_paths']
+__all__ = ['build_lr_cache', 'load_lr_cache', 'CachedLRDataset', 'resolve_hr_paths', 'limit_photos']
 
 
 def resolve_hr_paths(hr: Any) -> List[str]:
@@ -47,6 +47,19 @@ def resolve_hr_paths(hr: Any) -> List[str]:
     if not paths:
         raise FileNotFoundError(f'no HR images found for {hr!r}')
     return paths
+
+
+def limit_photos(paths: Sequence[str], limit: Optional[int]) -> List[str]:
+    """The first ``limit`` photos of one fixed random order of ``paths`` (``None``: all), in
+    their sorted order. The order does not depend on ``limit``, so smaller subsets are nested in
+    larger ones (a training-set-size curve trains on 12 of the 100 photos of the next point)."""
+    paths = list(paths)
+    if limit is None:
+        return paths
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= len(paths):
+        raise ValueError(f'hr_limit must be an integer in [1, {len(paths)}] (the number of HR photos), got {limit!r}')
+    keep = np.random.default_rng(0).permutation(len(paths))[:limit]
+    return [paths[i] for i in sorted(keep)]
 
 
 def _crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -106,15 +119,16 @@ def _make_sample(i: int):
 def build_lr_cache(out_file: str, hr: Any = 'sample:train', num_samples: int = 1000, gt_size: int = 256,
                    seed: int = 0, degradation: Optional[Dict[str, Any]] = None,
                    prompt: Optional[Dict[str, Any]] = None, workers: int = 1, overwrite: bool = False,
-                   progress: bool = True) -> str:
+                   progress: bool = True, hr_limit: Optional[int] = None) -> str:
     """Degrade ``num_samples`` random crops of the ``hr`` images and save them to ``out_file``
-    (``.npz``). Refuses to overwrite an existing file unless ``overwrite``. Returns the path."""
+    (``.npz``). ``hr_limit``: use only that many of the photos (:func:`limit_photos`).
+    Refuses to overwrite an existing file unless ``overwrite``. Returns the path."""
     from tqdm import tqdm
     if os.path.exists(out_file) and not overwrite:
         raise FileExistsError(f'{out_file} exists; refusing to overwrite it (pass overwrite=True / --overwrite)')
     if int(num_samples) < 1:
         raise ValueError(f'num_samples must be >= 1, got {num_samples}')
-    paths = resolve_hr_paths(hr)
+    paths = limit_photos(resolve_hr_paths(hr), hr_limit)
     args = (paths, int(gt_size), int(seed), degradation, prompt)
     n = int(num_samples)
     results = [None] * n
@@ -130,7 +144,7 @@ def build_lr_cache(out_file: str, hr: Any = 'sample:train', num_samples: int = 1
             results[i] = _make_sample(i)
     spec = PromptSpec.from_opt(prompt)
     meta = {'hr': [os.path.basename(p) for p in paths], 'num_samples': n, 'gt_size': int(gt_size),
-            'seed': int(seed), 'degradation': degradation or {}, 'prompt': spec.to_opt()}
+            'seed': int(seed), 'degradation': degradation or {}, 'prompt': spec.to_opt(), 'hr_limit': hr_limit}
     with atomic_path(out_file) as tmp:
         with open(tmp, 'wb') as f:
             np.savez(f, lq=np.stack([r[1] for r in results]),
@@ -208,7 +222,7 @@ def _check_built_as(cache_file: str, meta: Dict[str, Any], build: Dict[str, Any]
     a = b.arguments
     want = {'num_samples': int(a['num_samples']), 'gt_size': int(a['gt_size']), 'seed': int(a['seed']),
             'degradation': dict(a['degradation'] or {}), 'prompt': PromptSpec.from_opt(a['prompt']).to_opt(),
-            'hr': [os.path.basename(p) for p in resolve_hr_paths(a['hr'])]}
+            'hr': [os.path.basename(p) for p in limit_photos(resolve_hr_paths(a['hr']), a['hr_limit'])]}
     have = {k: meta.get(k) for k in want}
     have['prompt'] = PromptSpec.from_opt(meta.get('prompt')).to_opt()
     diff = [k for k in want if want[k] != have[k]]
