@@ -112,19 +112,19 @@ def test_published_rows_are_marked_by_protocol(first_run, overrides):
     sspir = next(r for r in pub if r['method_published'] == 'SSP-IR')
     assert sspir['values']['psnr'] == 19.18 and sspir['s_per_img'] == 8.82 and 'A100' in sspir['hardware']
     # the same cells on a set declared as SSP-IR's DIV2K-Val protocol: only SSP-IR's row is comparable
-    cmp = load_script('compare')
+    from dalpsr.compare.harness import build_document
+    from dalpsr.compare.options import load_compare_options
+    from dalpsr.compare.published import load_published
+    from dalpsr.compare.table import render_markdown
+    from dalpsr.utils.experiment import read_record
     root, sets = overrides
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        cmp.main(['-opt', CI, '--set', 'sets.sample_val.protocol=div2k-val-2k-sspir']
-                 + [a for s in sets for a in ('--set', s)])
-    finally:
-        os.chdir(cwd)
-    doc2 = json.loads((out / 'table.json').read_text())
+    opt = load_compare_options(CI, sets + ['sets.sample_val.protocol=div2k-val-2k-sspir'])
+    records = {m: {'sample_val': read_record(out / 'cells' / m / 'sample_val.json')} for m in opt['methods']}
+    doc2 = build_document(opt, records, load_published(str(REPO / 'options/compare/published.yml')))
     match = {r['method_published']: r['protocol_match'] for r in doc2['rows'] if r['kind'] == 'published'}
     assert match == {'DaLPSR': False, 'SSP-IR': True, 'DeeDSR': False, 'DePLSR': False}
-    assert 'same protocol (div2k-val-2k-sspir)' in (out / 'table.md').read_text()
+    md = render_markdown(doc2)
+    assert 'same protocol (div2k-val-2k-sspir)' in md and md.count('OTHER protocol') == 3
 
 
 def test_second_run_reruns_nothing_but_the_failed_cell(first_run, overrides):
