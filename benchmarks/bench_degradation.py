@@ -15,6 +15,7 @@ whether the two produce the same label distribution.
     python benchmarks/bench_degradation.py                          # 200 samples each, 1 thread
     python benchmarks/bench_degradation.py --num 500 --threads 2 --seed 0
     python benchmarks/bench_degradation.py --ref-batch 8 --device cuda   # reference on a GPU
+    python benchmarks/bench_degradation.py --skip-ref --measure-noise    # cost of noise_severity: measured
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument('--device', default='cpu', help='device of the reference (ours is numpy/OpenCV on CPU)')
     p.add_argument('--rounds', type=int, default=5, help='alternate the two pipelines this many times')
     p.add_argument('--skip-ref', action='store_true', help='only time our pipeline')
+    p.add_argument('--measure-noise', action='store_true',
+                   help='also time ours with measure_noise=True (the measured noise labels: the chain '
+                        'rendered a second time with the noise stages off), interleaved in the same rounds')
     return p.parse_args(argv)
 
 
@@ -91,7 +95,12 @@ def main(argv=None):
             ref.run_batch([crops[i % n_crops]] * bsz, rec)
     # interleaved rounds: a change of machine load affects both pipelines alike
     ours_params, ref_params = [], []
-    t_ours = t_ref = 0.0
+    t_ours = t_ref = t_meas = 0.0
+    deg_m = RealESRGANDegradation(measure_noise=True) if args.measure_noise else None
+    rng_m = np.random.default_rng(args.seed)
+    if deg_m is not None:
+        for i in range(warm):
+            deg_m(crops[i % n_crops], rng_m)
     per_round = [args.num // args.rounds + (r < args.num % args.rounds) for r in range(args.rounds)]
     k_ours = k_ref = 0
     for n_r in per_round:
@@ -100,6 +109,11 @@ def main(argv=None):
             ours_params.append(deg(crops[k_ours % n_crops], rng)['params'])
             k_ours += 1
         t_ours += time.perf_counter() - t
+        if deg_m is not None:
+            t = time.perf_counter()
+            for j in range(n_r):
+                deg_m(crops[(k_ours - n_r + j) % n_crops], rng_m)
+            t_meas += time.perf_counter() - t
         if ref is None:
             continue
         _sync(args.device)
@@ -116,6 +130,10 @@ def main(argv=None):
     sps_ours = k_ours / t_ours
     print(f'ours (numpy/OpenCV, CPU)  : {sps_ours:8.2f} samples/s  ({1000 * t_ours / k_ours:.1f} ms/sample)')
     results = {'ours_sps': sps_ours}
+    if deg_m is not None:
+        results.update(measured_sps=k_ours / t_meas, measured_cost=t_meas / t_ours)
+        print(f'ours, measure_noise=True  : {k_ours / t_meas:8.2f} samples/s  ({1000 * t_meas / k_ours:.1f} ms/sample, '
+              f'{t_meas / t_ours:.2f}x the time of ours)')
     if ref is not None:
         sps_ref = k_ref / t_ref
         results.update(ref_sps=sps_ref, ratio=sps_ours / sps_ref)

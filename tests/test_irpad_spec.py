@@ -49,6 +49,25 @@ def test_crop_average_is_the_mean_of_the_per_crop_logits():
     assert torch.allclose(pred.predict_logits(lq[1:]), got[1:], atol=1e-6)
 
 
+def test_tta_averages_the_eight_flips_and_rotations():
+    """``tta``: the mean of the (crop-averaged) logits of the 8 dihedral views; a non-square LR's
+    rotated views are cropped in their own orientation."""
+    net = _net()
+    lq = _lq(24, 40, seed=3)
+    plain = IRPADPredictor(net, PromptSpec(), crop=16, crop_align=8)
+    tta = IRPADPredictor(net, PromptSpec(), crop=16, crop_align=8, tta=True)
+    views = []
+    for flip in (False, True):
+        for k in range(4):
+            views.append(torch.rot90(lq.flip(-1) if flip else lq, k, (-2, -1)))
+    assert {tuple(v.shape[-2:]) for v in views} == {(24, 40), (40, 24)}
+    want = torch.stack([plain.predict_logits(v) for v in views]).mean(0)
+    got = tta.predict_logits(lq)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, plain.predict_logits(lq), atol=1e-4)   # the random net is not invariant
+    assert tta.predict_labels(lq).shape == (2, 3)
+
+
 def test_training_size_image_is_one_crop_wherever_it_comes_from():
     net = _net()
     pred = IRPADPredictor(net, PromptSpec(), crop=16, crop_align=8)

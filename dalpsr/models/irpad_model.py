@@ -308,6 +308,8 @@ class IRPADPredictor:
     aligned as in training) and the logits are averaged over the crops; an LR no larger than the
     crop is one crop (the whole image). ``train_crop`` 0 (trained on whole LRs) or absent (an
     older export; logged) predicts on the whole LR. ``crop`` overrides it (0: whole LR).
+    ``tta``: also average the logits over the 8 flips/rot90 of the LR (the training augmentation;
+    they keep the 8x8 JPEG grid of an LR whose sides are multiples of 8).
 
     >>> pred = IRPADPredictor.from_pretrained('experiments/irpad_cpu/export')   # doctest: +SKIP
     >>> pred.predict_prompt(lq)   # lq [B, 3, h, w] in [0, 1]                    # doctest: +SKIP
@@ -315,8 +317,9 @@ class IRPADPredictor:
     """
 
     def __init__(self, net, spec, device='cpu', meta: Optional[Dict[str, Any]] = None, crop: Optional[int] = None,
-                 crop_align: Optional[int] = None, crop_batch: int = 16):
+                 crop_align: Optional[int] = None, crop_batch: int = 16, tta: bool = False):
         self.device = torch.device(device)
+        self.tta = bool(tta)
         self.net = net.to(self.device).eval()
         self.spec = spec
         self.meta = meta or {}
@@ -354,8 +357,15 @@ class IRPADPredictor:
 
     @torch.no_grad()
     def predict_logits(self, lq: torch.Tensor) -> torch.Tensor:
-        """lq [B, 3, h, w] in [0, 1] -> scores [B, T, K] (mean over the crops' logits)."""
+        """lq [B, 3, h, w] in [0, 1] -> scores [B, T, K] (mean over the crops' logits, and over the
+        8 flips/rot90 with ``tta``)."""
         lq = self._check(lq)
+        if not self.tta:
+            return self._crop_logits(lq)
+        views = [torch.rot90(lq.flip(-1) if code & 4 else lq, code & 3, (-2, -1)) for code in range(8)]
+        return sum(self._crop_logits(v) for v in views) / len(views)
+
+    def _crop_logits(self, lq: torch.Tensor) -> torch.Tensor:
         boxes = self.crops(*lq.shape[-2:])
         if len(boxes) == 1 and boxes[0][2:] == tuple(lq.shape[-2:]):
             return self.net(lq)
