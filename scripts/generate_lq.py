@@ -7,6 +7,9 @@
     # synthetic test set the papers' way (DIV2K-Val: 3k random 512 crops -> GT/ and LR/)
     python scripts/generate_lq.py --testset --hr datasets/DIV2K_valid_HR --out datasets/DIV2K-Val-3k \
         --num 3000 --seed 0 --workers 8
+    # a paper's DIV2K-Val by its preset (count, crop, degradation and seed; dalpsr/data/testset_presets.py)
+    python scripts/generate_lq.py --preset div2k-val-3k-stablesr --hr datasets/DIV2K_valid_HR \
+        --out datasets/DIV2K-Val-3k-stablesr --workers 8
 
 --hr: a folder of images, an image list (BasicSR meta file; paths relative to --hr-root),
 'sample:train' / 'sample:val' (photos shipped in installed packages). Sample i uses image
@@ -43,11 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HR images: folder, meta file (with --hr-root), 'sample:train' or 'sample:val'")
     p.add_argument('--hr-root', default=None, help='folder the paths of a meta file --hr are relative to')
     p.add_argument('--num', type=int, default=None, help='number of samples (default: one per HR image)')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--gt-size', type=int, default=512, help='HR crop size; 0 keeps whole images')
-    p.add_argument('--scale', type=int, default=4)
+    p.add_argument('--seed', type=int, default=None, help='default 0 (or the preset\'s)')
+    p.add_argument('--gt-size', type=int, default=None, help='HR crop size; 0 keeps whole images (default 512)')
+    p.add_argument('--scale', type=int, default=None, help='default 4')
     p.add_argument('--testset', action='store_true',
                    help='synthetic test set: random crops, no flips, GT/ and LR/ folders with the same names')
+    p.add_argument('--preset', default=None,
+                   help='a paper\'s synthetic test set (implies --testset): its count, crop size, scale, seed and '
+                        'degradation as defaults under the flags/-opt/--set (dalpsr/data/testset_presets.py: '
+                        'div2k-val-3k-seesr, div2k-val-3k-stablesr, div2k-val-2k-sspir, div2k-val-100-deplsr)')
     p.add_argument('--no-flip', action='store_true', help='training set without flips/rotations')
     p.add_argument('-opt', '--opt', default=None, help='YAML with degradation/prompt/small_image/caption_file')
     p.add_argument('--block', default=None, metavar='DOTTED.KEY',
@@ -66,10 +73,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_opt(path, overrides, block=None):
+def _apply_preset(args):
+    """Fill the unset flags from ``--preset`` (or the plain defaults); returns the preset or None."""
+    preset = None
+    if args.preset:
+        from dalpsr.data.testset_presets import testset_preset
+        preset = testset_preset(args.preset)
+        args.testset = True
+        for key in ('num', 'seed', 'gt_size', 'scale'):
+            if getattr(args, key) is None:
+                setattr(args, key, preset[key])
+    for key, default in (('seed', 0), ('gt_size', 512), ('scale', 4)):
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    return preset
+
+
+def load_opt(path, overrides, block=None, base=None):
     """The -opt file: top-level degradation/prompt/small_image/caption_file keys, or (``block``,
     e.g. 'datasets.train') the degradation/prompt/small_image of a dataset block of a training
-    YAML, so a written set degrades exactly like the training data."""
+    YAML, so a written set degrades exactly like the training data. ``base``: degradation settings
+    (a preset's) that the file and the overrides update."""
+    import copy
+
     from dalpsr.utils.options import OptionError, apply_overrides, check_keys, get_opt, load_yaml
     opt = load_yaml(path) if path else {}
     if block:
@@ -89,6 +115,8 @@ def load_opt(path, overrides, block=None):
             opt[k] = {}
         if not isinstance(opt[k], dict):
             raise OptionError(f"'{k}' must be a mapping in {path or 'the options'}")
+    if base:
+        opt['degradation'] = {**copy.deepcopy(base), **opt['degradation']}
     return opt
 
 
@@ -99,7 +127,8 @@ def main(argv=None) -> int:
     from dalpsr.utils.sharding import current_shard
     shard = current_shard()  # rank 0 of 1 unless started by accelerate launch
     try:
-        opt = load_opt(args.opt, args.set, args.block)
+        preset = _apply_preset(args)
+        opt = load_opt(args.opt, args.set, args.block, base=preset and preset['degradation'])
         if args.testset:  # a test set's GT is the HR crop as read, not a sharpened training target
             opt['degradation'].setdefault('l1_gt_usm', False)
         hr, meta_info = args.hr, None
@@ -122,6 +151,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print('interrupted: finished samples are kept; run the same command again to resume', file=sys.stderr)
         return 130
+    if args.preset and shard.is_main:  # the preset's name and sources beside generate.json
+        from dalpsr.data.testset_presets import testset_preset
+        from dalpsr.utils.misc import atomic_write_json
+        atomic_write_json(os.path.join(res['out_dir'], 'preset.json'),
+                          {'preset': args.preset, **testset_preset(args.preset),
+                           'flags': {k: getattr(args, k) for k in ('num', 'seed', 'gt_size', 'scale')},
+                           'overrides': {'opt': args.opt, 'block': args.block, 'set': list(args.set)}})
     if not args.quiet and shard.is_main:
         from dalpsr.data.triplet_dataset import summarize_triplets
         print(summarize_triplets(res['out_dir'], prompt=opt.get('prompt') or None))

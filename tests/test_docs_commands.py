@@ -170,6 +170,16 @@ RUN_BY_TEST: List[Tuple[str, str]] = [
     (r'^python scripts/plot_architecture\.py --out figs/architecture\.png$',
      'tests/test_architecture_doc.py::test_figure_names_existing_code_and_its_command_runs'),
     (r'^python scripts/eval_srclip\.py ', 'tests/test_srclip.py::test_tiny_srclip_training_loss_falls_and_exports'),
+    # the comparison harness (docs/compare.md): ci_tiny.yml with the tiny stand-ins built in the test
+    (r'^python scripts/compare\.py -opt options/compare/ci_tiny\.yml',
+     'tests/test_compare.py::test_whole_harness_table_csv_json_figure_and_the_failing_method'),
+    # prepare_testsets.py on small real photos laid out as the downloads (RealSR V3, DRealSR) and the presets
+    (r'^python scripts/prepare_testsets\.py --protocol realsr-stablesr ',
+     'tests/test_prepare_testsets.py::test_realsr_stablesr_centre_crops_resume_and_refusal'),
+    (r'^python scripts/prepare_testsets\.py --protocol (drealsr-stablesr|realsr-v3-full) ',
+     'tests/test_prepare_testsets.py::test_drealsr_suffixes_and_full_realsr_v3'),
+    (r'^python scripts/(prepare_testsets\.py --protocol div2k-val-|generate_lq\.py --preset )',
+     'tests/test_prepare_testsets.py::test_synthetic_div2k_val_by_preset_records_seed_and_settings'),
 ]
 
 #: command pattern -> name of the test below that runs it here (paths rewritten to a temporary folder).
@@ -226,6 +236,10 @@ PARSE_ONLY: List[Tuple[str, str]] = [
                                             '(tests/test_realdat.py runs it on tiny folders)'),
     (r'^python -m dalpsr\.metrics\.crosscheck$', 'compares against pyiqa with the real metric weights'),
     (r'^python benchmarks/bench_\w+\.py', BENCH + ' (the cuda rows need a GPU)'),
+    (r'^python scripts/compare\.py -opt options/compare/papers\.yml', SD + '; ' + GPU + '; ' + DATA),
+    (r'^python scripts/compare\.py -opt options/compare/photos_val_cpu\.yml$',
+     LONG + ' (docs/results.md: every method on Kodak24 of ../shared/photos/val; tests/test_compare.py runs the '
+            'harness on ci_tiny.yml)'),
 ]
 
 
@@ -311,6 +325,12 @@ def _check_options(script: str, ns: argparse.Namespace) -> None:
         from dalpsr.metrics.specs import expand_metric_names
         kw = load_script('iqa').resolve(argparse.Namespace(**{**vars(ns), 'opt': path and os.path.join(REPO, path)}))
         expand_metric_names(kw['metrics'])  # every metric or preset name is known
+        return
+    if script == 'scripts/compare.py':  # compare options (not test.py's top level) and each method's test options
+        from dalpsr.compare.options import load_compare_options
+        opt = load_compare_options(os.path.join(REPO, path), list(ns.set))
+        for m in opt['methods'].values():
+            load_options(os.path.join(REPO, m['options']), m['set'], is_train=False)
         return
     if not path:
         return

@@ -26,6 +26,7 @@ LAYERS = [
     {'models'},                         # training wrappers of archs (validation through pipelines)
     {'restorers'},                      # one registered restorer per method (test time)
     {'inference', 'training'},          # test.py core; train loop
+    {'compare'},                        # comparison harness: runs the test.py core (inference) per method x set
 ]
 
 #: Imports against the layers in files other developers own, allowed by name (module, imported
