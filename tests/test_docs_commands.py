@@ -375,11 +375,16 @@ _EXPERIMENT_NAMES: List[str] = []
 
 
 def _experiment_names() -> List[str]:
-    """``name:`` of every training options file (train.py writes ``experiments/<name>/``)."""
+    """``name:`` of every training options file (train.py writes ``experiments/<name>/``), and the
+    names a documented train.py command sets with ``--set name=...``."""
     if not _EXPERIMENT_NAMES:
         from dalpsr.utils.options import load_yaml
         _EXPERIMENT_NAMES.extend(str(load_yaml(p).get('name'))
                                  for p in sorted(glob.glob(os.path.join(REPO, 'options', 'train', '*.yml'))))
+        for cmd in COMMANDS:
+            if 'dalpsr/train.py' in cmd.argv:
+                _EXPERIMENT_NAMES.extend(b[len('name='):] for a, b in zip(cmd.argv, cmd.argv[1:])
+                                         if a == '--set' and b.startswith('name='))
     return _EXPERIMENT_NAMES
 
 

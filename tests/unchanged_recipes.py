@@ -55,7 +55,8 @@ def recipe_options(name: str, repo: Path, root: Path) -> Dict[str, Any]:
             opt['datasets'][phase]['dataroot_gt'] = skdata
             # recorded with the params-based noise labels, before the recipes switched to the
             # measured ones (issue 18): this pins the training code, not the label choice
-            opt['datasets'][phase]['prompt'] = dict(opt['datasets'][phase]['prompt'], noise_severity='params')
+            if 'prompt' in opt['datasets'][phase]:
+                opt['datasets'][phase]['prompt'] = dict(opt['datasets'][phase]['prompt'], noise_severity='params')
     elif name == 'irpad_cpu':
         for phase, (n, size) in (('train', (16, 128)), ('val', (8, 128))):
             d = opt['datasets'][phase]
