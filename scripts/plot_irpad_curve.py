@@ -64,7 +64,7 @@ def main(argv=None):
     ax.set_xlabel('training photos')
     ax.set_ylabel('accuracy (K = 4, chance 0.25)')
     ax.set_title(args.title, fontsize=10)
-    ax.legend(title='type (dashed: paper Table IV)', fontsize=8)
+    ax.legend(title='type (dashed: paper Table IV)', fontsize=8, title_fontsize=8, loc='center left')
     ax.grid(alpha=0.3)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
