@@ -15,6 +15,10 @@ cannot tell at all from what the training photos do not teach: if the second sco
 the error comes from content the training photos do not cover (for blur: how sharp a photo is
 before any degradation), not from the degradation being invisible. The in-photo cache is a
 diagnostic only; never train a reported model on it.
+
+``--features v2`` uses the extended statistics (v1 + the edge-width and spectrum features for
+blur; ``ConvEncoder(dstat_features='v2')``); ``--crop N`` scores each held-out LR larger than N
+as IRPAD's predictor does: the mean of the class probabilities over its N-px crops.
 """
 import argparse
 import os
@@ -23,16 +27,25 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def statistics(lq_uint8, batch: int = 200):
-    """uint8 [N, h, w, 3] -> float32 tensor [N, F] of degradation statistics."""
+def statistics(lq_uint8, batch: int = 200, features: str = 'v1', crop: int = 0):
+    """uint8 [N, h, w, 3] -> float32 tensor [N, F] of degradation statistics, or with ``crop`` > 0
+    (and LRs larger than it) [N, C, F] for the C crops of :func:`crop_starts` (8-px aligned)."""
     import torch
     from dalpsr.archs.degradation_stats import degradation_statistics
+    from dalpsr.models.irpad_model import crop_starts
+    h, w = lq_uint8.shape[1:3]
+    boxes = [(0, 0, h, w)]
+    if crop and (h > crop or w > crop):
+        ch, cw = min(crop, h), min(crop, w)
+        boxes = [(y, x, ch, cw) for y in crop_starts(h, ch, 8) for x in crop_starts(w, cw, 8)]
     out = []
     with torch.no_grad():
         for i in range(0, len(lq_uint8), batch):
             x = torch.from_numpy(lq_uint8[i:i + batch]).permute(0, 3, 1, 2).float().div_(255.0)
-            out.append(degradation_statistics(x))
-    return torch.cat(out)
+            out.append(torch.stack([degradation_statistics(x[:, :, y:y + a, x0:x0 + b], features)
+                                    for y, x0, a, b in boxes], 1))
+    out = torch.cat(out)
+    return out[:, 0] if len(boxes) == 1 else out
 
 
 def fit_probe(x, y, num_classes: int, epochs: int = 300, seed: int = 0, hidden: int = 256):
@@ -58,8 +71,10 @@ def fit_probe(x, y, num_classes: int, epochs: int = 300, seed: int = 0, hidden: 
     net.eval()
 
     def predict(z):
+        """z [M, F] -> class [M]; z [M, C, F] (crops) -> class of the mean probability over C."""
         with torch.no_grad():
-            return net((z - mu) / sd).argmax(-1)
+            p = net((z - mu) / sd).softmax(-1)
+            return (p.mean(1) if z.dim() == 3 else p).argmax(-1)
     return predict
 
 
@@ -72,6 +87,8 @@ def main(argv=None):
     p.add_argument('--epochs', type=int, default=300)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
+    p.add_argument('--features', default='v1', choices=['v1', 'v2'], help='statistics set (module doc)')
+    p.add_argument('--crop', type=int, default=0, help='score held-out LRs as the mean over crops of this size (0: whole)')
     p.add_argument('--json', default=None, help='also write the numbers to this JSON file')
     args = p.parse_args(argv)
     import numpy as np
@@ -92,13 +109,15 @@ def main(argv=None):
             print(f'error: {f} is labelled with another prompt spec than {args.eval}', file=sys.stderr)
             return 2
     n_ev = min(args.num_eval, len(ev['lq']))
-    x_ev, y_ev = statistics(ev['lq'][:n_ev]), ev['labels'][:n_ev]
+    x_ev, y_ev = statistics(ev['lq'][:n_ev], features=args.features, crop=args.crop), ev['labels'][:n_ev]
     photo = np.array([str(k).rsplit('_', 1)[0] for k in ev['keys'][:n_ev]])
-    out = {'eval': args.eval, 'num_eval': int(n_ev), 'types': list(spec.types), 'train': {}}
-    print(f'probe on degradation statistics, evaluated on {n_ev} samples of {args.eval}')
+    out = {'eval': args.eval, 'num_eval': int(n_ev), 'types': list(spec.types), 'features': args.features,
+           'crop': args.crop, 'epochs': args.epochs, 'train': {}}
+    print(f'probe on degradation statistics ({args.features}), evaluated on {n_ev} samples of {args.eval}'
+          + (f' (mean over {args.crop}-px crops)' if args.crop else ''))
     for f, d in trains:
         n = min(args.num_train, len(d['lq']))
-        x = statistics(d['lq'][:n])
+        x = statistics(d['lq'][:n], features=args.features)
         row = {'num_train': int(n), 'hr': d['meta']['hr'], 'acc': {}, 'per_photo': {}}
         for t_i, t in enumerate(spec.types):
             pred = fit_probe(x, d['labels'][:n, t_i], spec.num_intervals, args.epochs, args.seed)(x_ev).numpy()

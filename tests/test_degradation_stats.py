@@ -115,3 +115,47 @@ def test_statistics_tokens_accept_a_training_batch_of_one():
     one = tok(torch.rand(1, 3, 32, 32))
     assert one.shape == (1, 2, 8) and torch.isfinite(one).all()
     assert torch.equal(tok.norm.running_mean, mean)   # a single sample does not move them
+
+
+def test_v2_edge_features_measure_blur_width_not_contrast(photo):
+    from dalpsr.archs.degradation_stats import NUM_EDGE_FEATURES, num_features
+    assert num_features('v2') == NUM_FEATURES + NUM_EDGE_FEATURES
+    x = _t(photo)
+    v1, v2 = degradation_statistics(x)[0], degradation_statistics(x, 'v2')[0]
+    assert v2.shape == (num_features('v2'),) and torch.isfinite(v2).all()
+    assert torch.equal(v2[:NUM_FEATURES], v1)                        # v2 extends v1
+    width = slice(NUM_FEATURES, NUM_FEATURES + 12)                   # log edge-width ratios
+    fine = slice(NUM_FEATURES + 12, NUM_FEATURES + 26)               # Hann-windowed spectrum
+    scale = slice(NUM_FEATURES + 40, NUM_FEATURES + 44)              # full / half-scale gradients
+    f = lambda img: degradation_statistics(_t(img), 'v2')[0]  # noqa: E731
+    b1, b2 = f(cv2.GaussianBlur(photo, (0, 0), 1.0)), f(cv2.GaussianBlur(photo, (0, 0), 2.0))
+    assert (b1[width] > v2[width]).all() and (b2[width] > b1[width] + 0.1).all()
+    assert b2[fine][4:10].mean() < b1[fine][4:10].mean() - 0.3 < v2[fine][4:10].mean() - 0.3
+    assert b2[scale].mean() < b1[scale].mean() < v2[scale].mean()
+    # the edge width is a ratio: halving the contrast (float image, no 8-bit rounding) barely moves it
+    soft = 0.25 + 0.5 * cv2.GaussianBlur(photo, (0, 0), 1.0).astype(np.float32) / 255.0
+    soft = torch.from_numpy(soft[..., ::-1].copy()).permute(2, 0, 1)[None]
+    assert (degradation_statistics(soft, 'v2')[0][width] - b1[width]).abs().max() < 0.15
+    with pytest.raises(ValueError, match="feature_set must be one of"):
+        degradation_statistics(x, 'v3')
+
+
+def test_conv_encoder_v2_statistics_tokens_round_trip(tmp_path):
+    from dalpsr.archs.degradation_stats import num_features
+    from dalpsr.data.prompt_labels import PromptSpec
+    from dalpsr.models.irpad_model import IRPADPredictor, save_irpad
+    torch.manual_seed(0)
+    popt = {'types': ['blur', 'noise', 'jpeg'], 'num_intervals': 4}
+    cfg = {'image_encoder': {'type': 'conv', 'channels': [8, 16], 'dstat_tokens': 2, 'dstat_features': 'v2'},
+           'prompt_embedding': {'type': 'learnable'}, 'embed_dim': 16, 'num_heads': 2}
+    net = IRPAD(num_types=3, num_intervals=4, candidates=PromptSpec.from_opt(popt).candidates(), **cfg)
+    assert net.image_encoder.dstat.norm.num_features == num_features('v2')
+    net.train()
+    net(torch.rand(4, 3, 24, 24))
+    net.eval()
+    save_irpad(net, popt, str(tmp_path / 'export'))
+    pred = IRPADPredictor.from_pretrained(str(tmp_path / 'export'))
+    assert pred.net.image_encoder.dstat.feature_set == 'v2'
+    lq = torch.rand(2, 3, 40, 40)
+    with torch.no_grad():
+        assert torch.allclose(pred.predict_logits(lq), net(lq), atol=1e-5)

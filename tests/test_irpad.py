@@ -311,6 +311,14 @@ def test_model_trains_through_the_loop_exports_and_predictor_round_trips(tmp_pat
     assert torch.allclose(whole, net(lq), atol=1e-5)
     labels = pred.predict_labels(lq)
     assert labels.dtype == torch.long and labels.shape == (3, 3)
+    # validation during training predicts as the export does (crops), not on the whole LR
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(3)), batch_size=2)
+    seen = []
+    hook = net.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape[-2:])))
+    val_pred, val_labels = res['model'].predict_loader(loader)
+    hook.remove()
+    assert seen and set(seen) == {(16, 16)} and lq.shape[-1] > 16
+    assert torch.equal(val_pred, labels) and torch.equal(val_labels, torch.stack([ds[i]['labels'] for i in range(3)]))
     assert torch.equal(labels, ref.argmax(-1))
     prompts = pred.predict_prompt(lq)
     assert [pred.spec.parse(p) for p in prompts] == labels.tolist()
@@ -406,3 +414,33 @@ def test_train_crop_offsets_follow_the_alignment(tmp_path, small_cache):
     from dalpsr.utils.options import OptionError
     with pytest.raises(OptionError, match='train_crop_align'):
         IRPADModel(_model_opt(tmp_path, small_cache, train_crop_align=0))
+
+
+def test_stats_score_is_a_direct_path_from_the_statistics_to_the_scores(tmp_path):
+    from dalpsr.data.prompt_labels import PromptSpec
+    from dalpsr.models.irpad_model import IRPADPredictor, save_irpad
+    popt = {'types': ['blur', 'noise', 'jpeg'], 'num_intervals': 4}
+    cands = PromptSpec.from_opt(popt).candidates()
+    enc = {'type': 'conv', 'channels': [8, 16], 'dstat_tokens': 2, 'dstat_features': 'v2'}
+    with pytest.raises(ValueError, match='stats_score needs an image encoder with statistics tokens'):
+        IRPAD(3, 4, cands, image_encoder={'type': 'conv', 'channels': [8, 16]}, embed_dim=16, num_heads=2, stats_score=True)
+    torch.manual_seed(0)
+    net = IRPAD(3, 4, cands, image_encoder=enc, embed_dim=16, num_heads=2, stats_score=True).train()
+    lq = torch.rand(4, 3, 32, 32)
+    out = net(lq)
+    assert out.shape == (4, 3, 4)
+    # the statistics path reaches the scores: its own weights get gradient, and zeroing them changes the scores
+    out.logsumexp(-1).sum().backward()
+    assert net.stats_q.weight.grad.abs().sum() > 0 and net.image_encoder.dstat.mlp[0].weight.grad.abs().sum() > 0
+    net.eval()
+    with torch.no_grad():
+        ref = net(lq)
+        saved = net.stats_q.weight.clone()
+        net.stats_q.weight.zero_()
+        assert not torch.allclose(net(lq), ref)
+        net.stats_q.weight.copy_(saved)
+    save_irpad(net, popt, str(tmp_path / 'export'))
+    pred = IRPADPredictor.from_pretrained(str(tmp_path / 'export'))
+    assert pred.net.stats_tokens == 2
+    with torch.no_grad():
+        assert torch.allclose(pred.predict_logits(lq), ref, atol=1e-5)

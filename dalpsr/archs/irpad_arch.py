@@ -77,12 +77,13 @@ class ConvEncoder(nn.Module):
     ``dstat_tokens=n`` (> 0) appends n more tokens made from hand-crafted degradation
     statistics of the whole LR (noise level in flat cells, gradient and spectrum fall-off,
     8x8 blockiness and DCT zero fractions; :mod:`dalpsr.archs.degradation_stats`), output
-    [B, N + ... + n, C]. They need LR crops of at least 16x16.
+    [B, N + ... + n, C]. They need LR crops of at least 16x16. ``dstat_features`` chooses the
+    statistics: ``'v1'`` (115) or ``'v2'`` (v1 + 44 edge-width and spectrum features for blur).
     """
 
     def __init__(self, channels: Sequence[int] = (16, 32, 64, 128), blocks_per_stage: int = 1,
                  highpass: float = 0.0, stat_tokens: bool = False, stat_pool: Sequence[str] = ('mean', 'std'),
-                 dstat_tokens: int = 0):
+                 dstat_tokens: int = 0, dstat_features: str = 'v1'):
         super().__init__()
         channels = [int(c) for c in channels]
         if len(channels) < 1:
@@ -110,7 +111,7 @@ class ConvEncoder(nn.Module):
             raise ValueError(f'ConvEncoder: dstat_tokens must be >= 0, got {dstat_tokens}')
         if self.dstat_tokens:
             from dalpsr.archs.degradation_stats import DegradationStatsTokens
-            self.dstat = DegradationStatsTokens(channels[-1], self.dstat_tokens)
+            self.dstat = DegradationStatsTokens(channels[-1], self.dstat_tokens, feature_set=dstat_features)
         self.norm = nn.LayerNorm(channels[-1])
         self.out_dim = channels[-1]
         self.stride = 2 ** (len(channels) - 1)
@@ -322,6 +323,11 @@ class IRPAD(nn.Module):
             Text features are frozen; a trainable linear projection maps them to ``embed_dim``
             and a learnable per-candidate offset (zero-initialised) is added.
         embed_dim, num_blocks (paper: 2), num_heads, ffn_ratio, dropout: decoder sizes.
+        stats_score: add to every candidate's score its similarity with the statistics embedding
+            (the mean of the conv encoder's ``dstat_tokens``, layer-normed) through a linear map of
+            the candidate's prompt embedding: a retrieval on the hand-crafted statistics alone,
+            next to the decoder's, so they reach the scores without passing the attention
+            (needs ``image_encoder.dstat_tokens > 0``).
 
     ``forward(lq)``: lq [B, 3, h, w] in [0, 1] -> logits [B, T, K] (unnormalised scores;
     softmax over K gives per-type interval probabilities).
@@ -332,7 +338,7 @@ class IRPAD(nn.Module):
                  image_encoder: Optional[Dict[str, Any]] = None,
                  prompt_embedding: Optional[Dict[str, Any]] = None,
                  embed_dim: int = 128, num_blocks: int = 2, num_heads: int = 4, ffn_ratio: float = 2.0,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, stats_score: bool = False):
         super().__init__()
         self.num_types, self.num_intervals = int(num_types), int(num_intervals)
         if self.num_types < 1 or self.num_intervals < 2:
@@ -347,7 +353,8 @@ class IRPAD(nn.Module):
         self.config = dict(num_types=self.num_types, num_intervals=self.num_intervals, candidates=candidates,
                            image_encoder=copy.deepcopy(image_encoder),
                            prompt_embedding=copy.deepcopy(prompt_embedding), embed_dim=embed_dim,
-                           num_blocks=num_blocks, num_heads=num_heads, ffn_ratio=ffn_ratio, dropout=dropout)
+                           num_blocks=num_blocks, num_heads=num_heads, ffn_ratio=ffn_ratio, dropout=dropout,
+                           stats_score=bool(stats_score))
         q = self.num_types * self.num_intervals
 
         # text features of the candidates (frozen) --------------------------------------
@@ -408,6 +415,14 @@ class IRPAD(nn.Module):
         self.score = nn.Linear(embed_dim, 1, bias=False)
         self.sim_q = nn.Linear(embed_dim, embed_dim, bias=False)
         self.sim_img = nn.LayerNorm(embed_dim)
+        self.stats_tokens = 0
+        if stats_score:
+            self.stats_tokens = int(getattr(self.image_encoder, 'dstat_tokens', 0) or 0)
+            if self.stats_tokens < 1:
+                raise ValueError('IRPAD stats_score needs an image encoder with statistics tokens '
+                                 '(image_encoder: {type: conv, dstat_tokens: n > 0})')
+            self.stats_q = nn.Linear(embed_dim, embed_dim, bias=False)
+            self.stats_img = nn.LayerNorm(embed_dim)
 
     # -----------------------------------------------------------------------------------
     def prompt_queries(self) -> torch.Tensor:
@@ -429,13 +444,17 @@ class IRPAD(nn.Module):
         if lq.dim() != 4 or lq.shape[1] != 3:
             raise ValueError(f'IRPAD expects lq of shape [B, 3, h, w], got {tuple(lq.shape)}')
         kv = self.image_tokens(lq)
-        q = self.prompt_queries().unsqueeze(0).expand(lq.shape[0], -1, -1)
+        prompts = self.prompt_queries()
+        q = prompts.unsqueeze(0).expand(lq.shape[0], -1, -1)
         weights = None
         for i, blk in enumerate(self.blocks):
             q, weights = blk(q, kv, need_weights=return_attention and i == len(self.blocks) - 1)
         qn = self.norm_out(q)
         g = self.sim_img(kv.mean(1))                                   # [B, D]
         sim = (self.sim_q(qn) * g[:, None]).sum(-1) / qn.shape[-1] ** 0.5  # [B, Q]
+        if self.stats_tokens:                                          # the conv encoder appends them last
+            st = self.stats_img(kv[:, -self.stats_tokens:].mean(1))    # [B, D]
+            sim = sim + st @ self.stats_q(prompts).t() / qn.shape[-1] ** 0.5
         logits = (self.score(qn).squeeze(-1) + sim).view(-1, self.num_types, self.num_intervals)
         return (logits, weights) if return_attention else logits
 

@@ -257,13 +257,14 @@ class IRPADModel(BaseModel):
     # ---- validation --------------------------------------------------------------------
     @torch.no_grad()
     def predict_loader(self, loader):
-        """(pred [N, T], labels [N, T]) over a loader (this process's share)."""
+        """(pred [N, T], labels [N, T]) over a loader (this process's share), predicted the way the
+        export will predict: LRs larger than ``train_crop`` scored as the mean over its crops."""
         net = self.net
         was_training = net.training
-        net.eval()
+        predictor = IRPADPredictor(net, self.spec, self.device, crop=self.train_crop, crop_align=self.train_crop_align)
         preds, labels = [], []
         for batch in loader:
-            preds.append(net(batch['lq'].to(self.device)).argmax(-1).cpu())
+            preds.append(predictor.predict_labels(batch['lq']))
             labels.append(batch['labels'].long().cpu())
         net.train(was_training)
         return torch.cat(preds), torch.cat(labels)
