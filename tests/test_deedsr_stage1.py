@@ -215,3 +215,27 @@ def test_shuffle_bn_across_processes(tmp_path):
     for k in (0, 1):
         assert r[k]['ptr'] == 8
         assert torch.allclose(r[k]['queue'][:, :8].T, got, atol=1e-6)      # both ranks enqueue all 8 keys
+
+
+def test_small_patch_stem_and_highpass_input(tmp_path):
+    """CPU-recipe options: stride-1 stem without max-pool keeps a 32^2 patch at full size into the
+    first stage; highpass input ignores colour and constant offsets; both saved with the learner."""
+    from dalpsr.archs.deedsr_learner_arch import save_degradation_learner
+    torch.manual_seed(0)
+    kw = dict(layers=[1, 1], widths=[8, 16], stem=4, norm='gn')
+    code = DegradationResNet(**kw)
+    small = DegradationResNet(stem_stride=1, stem_pool=False, highpass=8.0, **kw).eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert code.forward_features(x)[0].shape == (2, 4 * 4, 16)       # 32 -> 16 (stem) -> 8 (pool) -> 8 -> 4
+    assert small.forward_features(x)[0].shape == (2, 16 * 16, 16)    # 32 -> 32 (stem) -> 32 -> 16
+    with torch.no_grad():
+        shifted = (x + torch.tensor([0.2, -0.1, 0.05])[None, :, None, None])
+        assert torch.allclose(small(x), small(shifted), atol=1e-4)     # a colour cast is not seen
+        assert not torch.allclose(code.eval()(x), code(shifted), atol=1e-3)
+    save_degradation_learner(tmp_path, small)
+    back = load_degradation_learner(tmp_path)
+    assert back.config['stem_stride'] == 1 and back.config['highpass'] == 8.0
+    with torch.no_grad():
+        assert torch.allclose(back(x), small(x), atol=1e-6)
+    with pytest.raises(ValueError, match='stem_stride must be 1 or 2'):
+        DegradationResNet(stem_stride=3, **kw)

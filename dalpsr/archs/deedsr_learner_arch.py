@@ -111,10 +111,19 @@ class DegradationResNet(nn.Module):
         norm: 'bn' | 'gn' (module doc). bn_splits: >1 = split-batch BN in training.
         in_range: 'zero_one' (inputs in [0, 1], the code's convention) or 'minus_one_one'
             (inputs are mapped from [0, 1] to [-1, 1] first).
+        stem_stride, stem_pool: the stem's stride (code: 2) and its 3x3 s2 max-pool (code: on).
+            The code's stem shrinks a 64^2 patch 4x before the first block; small CPU patches
+            (32^2) keep their pixel-level cues (noise, JPEG blocks, edge sharpness) with
+            ``stem_stride: 1, stem_pool: false``.
+        highpass: > 0 feeds ``highpass * (x - box3x3(x))`` (reflect borders) instead of the RGB
+            values: no colour and no low-frequency content, the cues that most easily tell two
+            patches of one LR from patches of other LRs without being degradations (code: 0,
+            RGB as is).
     """
 
     def __init__(self, layers: Sequence[int] = FULL_LAYERS, widths: Sequence[int] = FULL_WIDTHS,
-                 stem: int = FULL_STEM, norm: str = 'bn', bn_splits: int = 1, in_range: str = 'zero_one'):
+                 stem: int = FULL_STEM, norm: str = 'bn', bn_splits: int = 1, in_range: str = 'zero_one',
+                 stem_stride: int = 2, stem_pool: bool = True, highpass: float = 0.0):
         super().__init__()
         layers, widths = [int(v) for v in layers], [int(v) for v in widths]
         if len(layers) != len(widths) or not layers or min(layers) < 1 or min(widths) < 1:
@@ -123,13 +132,17 @@ class DegradationResNet(nn.Module):
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if in_range not in ('zero_one', 'minus_one_one'):
             raise ValueError(f"in_range must be 'zero_one' or 'minus_one_one', got {in_range!r}")
+        if int(stem_stride) not in (1, 2) or float(highpass) < 0:
+            raise ValueError(f'stem_stride must be 1 or 2 and highpass >= 0, got {stem_stride}, {highpass}')
         self.config = dict(layers=layers, widths=widths, stem=int(stem), norm=norm, bn_splits=int(bn_splits),
-                           in_range=in_range)
+                           in_range=in_range, stem_stride=int(stem_stride), stem_pool=bool(stem_pool),
+                           highpass=float(highpass))
         self.in_range = in_range
+        self.highpass = float(highpass)
         self.dim = widths[-1]
-        self.conv1 = nn.Conv2d(3, int(stem), 7, 2, 3, bias=False)
+        self.conv1 = nn.Conv2d(3, int(stem), 7, int(stem_stride), 3, bias=False)
         self.bn1 = make_norm(norm, int(stem), int(bn_splits))
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if stem_pool else nn.Identity()
         stages: List[nn.Module] = []
         cin = int(stem)
         for i, (n, w) in enumerate(zip(layers, widths)):
@@ -149,6 +162,8 @@ class DegradationResNet(nn.Module):
         """-> (tokens ``[B, h'w', C]`` of the last stage, d ``[B, C]``)."""
         if self.in_range == 'minus_one_one':
             x = x * 2 - 1
+        if self.highpass > 0:
+            x = self.highpass * (x - F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode='reflect'), 3, stride=1))
         h = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))
         for stage in self.layers:
             h = stage(h)

@@ -66,7 +66,7 @@ DEFAULTS: Dict[str, Any] = {
     'temperature': 0.07,
     'shuffle_bn': True,
 }
-NETWORK_KEYS = ('type', 'layers', 'widths', 'stem', 'norm', 'bn_splits', 'in_range')
+NETWORK_KEYS = ('type', 'layers', 'widths', 'stem', 'norm', 'bn_splits', 'in_range', 'stem_stride', 'stem_pool', 'highpass')
 
 
 class MoCoState(nn.Module):
