@@ -125,3 +125,5 @@ def test_cpu_recipe_builds(tmp_path):
     ds, _ = _build_dataset(opt, 'train', 0)
     assert model.net(ds[0]['lq'][None]).shape == (1, 3, 4)
     assert isinstance(model.param_groups(), list)
+    # the recipe's choices of issue 18: v2 statistics, scored directly as well
+    assert model.net.image_encoder.dstat.feature_set == 'v2' and model.net.stats_tokens == 4
