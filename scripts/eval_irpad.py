@@ -66,6 +66,8 @@ def main(argv=None):
     p.add_argument('--crop', type=int, default=None,
                    help="predict on crops of this size and average (0: whole LR; default: the export's train_crop)")
     p.add_argument('--tta', action='store_true', help='also average over the 8 flips/rot90 of each LR')
+    p.add_argument('--stats-only', action='store_true',
+                   help='score with the statistics term alone (models with stats_score; a diagnostic)')
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
     args = p.parse_args(argv)
 
@@ -80,7 +82,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     try:
-        predictor = IRPADPredictor.from_pretrained(args.model, device=args.device, crop=args.crop, tta=args.tta)
+        predictor = IRPADPredictor.from_pretrained(args.model, device=args.device, crop=args.crop, tta=args.tta,
+                                                    stats_only=args.stats_only)
         if not os.path.isfile(args.data):
             print(f'building the held-out set {args.data} ({args.num} x {args.gt_size} crops of {args.hr}, '
                   f'seed {args.seed})')
@@ -146,7 +149,7 @@ def main(argv=None):
         'model': os.path.abspath(args.model), 'model_meta': {k: v for k, v in predictor.meta.items() if k != 'arch'},
         'arch': predictor.meta.get('arch', {}).get('image_encoder'),
         'data': os.path.abspath(args.data), 'data_meta': data['meta'],
-        'predictor': {'crop': predictor.crop, 'tta': predictor.tta},
+        'predictor': {'crop': predictor.crop, 'tta': predictor.tta, 'stats_only': predictor.stats_only},
         'seconds': dt, 'images_per_s': len(labels) / max(dt, 1e-9), 'device': args.device,
         'command': ' '.join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
     }

@@ -29,22 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def statistics(lq_uint8, batch: int = 200, features: str = 'v1', crop: int = 0):
     """uint8 [N, h, w, 3] -> float32 tensor [N, F] of degradation statistics, or with ``crop`` > 0
-    (and LRs larger than it) [N, C, F] for the C crops of :func:`crop_starts` (8-px aligned)."""
-    import torch
-    from dalpsr.archs.degradation_stats import degradation_statistics
-    from dalpsr.models.irpad_model import crop_starts
+    (and LRs larger than it) [N, C, F] for the C crops IRPAD's predictor scores (8-px aligned)."""
+    from dalpsr.models.irpad_model import crop_boxes, lr_statistics
     h, w = lq_uint8.shape[1:3]
-    boxes = [(0, 0, h, w)]
-    if crop and (h > crop or w > crop):
-        ch, cw = min(crop, h), min(crop, w)
-        boxes = [(y, x, ch, cw) for y in crop_starts(h, ch, 8) for x in crop_starts(w, cw, 8)]
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(lq_uint8), batch):
-            x = torch.from_numpy(lq_uint8[i:i + batch]).permute(0, 3, 1, 2).float().div_(255.0)
-            out.append(torch.stack([degradation_statistics(x[:, :, y:y + a, x0:x0 + b], features)
-                                    for y, x0, a, b in boxes], 1))
-    out = torch.cat(out)
+    boxes = crop_boxes(h, w, crop if crop and (h > crop or w > crop) else 0, 8)
+    out = lr_statistics(lq_uint8, features, boxes, batch)
     return out[:, 0] if len(boxes) == 1 else out
 
 

@@ -200,7 +200,7 @@ PARSE_ONLY: List[Tuple[str, str]] = [
     (r'^python scripts/generate_lq\.py (--testset )?--hr datasets/(DIV2K_\w+|HR) ', DATA),
     (r'^python scripts/plot_triplets\.py ', 'plots the triplet set that scripts/demo.py writes under results/demo'),
     (r'^python dalpsr/train\.py -opt options/train/train_irpad(_cpu)?\.yml',
-     LONG + ' (IRPAD: 27 min on 2 cores; paper scale needs open_clip ViT-B/16 and DIV2K)'),
+     LONG + ' (IRPAD: 30 min on 2 cores; paper scale needs open_clip ViT-B/16 and DIV2K)'),
     (r'^python scripts/eval_irpad\.py ', 'evaluates a trained IRPAD export on a 2,000-sample LR cache'),
     (r'^python scripts/make_lr_cache\.py ', 'builds 2,000-4,000 512-px LR samples (minutes of CPU)'),
     (r'^python scripts/irpad_feature_probe\.py ', 'needs the LR caches made by make_lr_cache.py'),

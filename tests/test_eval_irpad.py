@@ -68,10 +68,10 @@ def test_eval_irpad_metrics_outputs_and_refusals(tmp_path, capsys):
     assert len([d for d in os.listdir(tmp_path) if d.startswith('out')]) == 2
     # --crop / --tta reach the predictor and are recorded with the result
     res = json.load(open(os.path.join(out, 'metrics.json')))
-    assert res['predictor'] == {'crop': 0, 'tta': False}
+    assert res['predictor'] == {'crop': 0, 'tta': False, 'stats_only': False}
     assert eval_irpad.main(['--model', model_dir, '--data', data, '--out', str(tmp_path / 'tta'),
                             '--crop', '8', '--tta']) == 0
-    assert json.load(open(tmp_path / 'tta' / 'metrics.json'))['predictor'] == {'crop': 8, 'tta': True}
+    assert json.load(open(tmp_path / 'tta' / 'metrics.json'))['predictor'] == {'crop': 8, 'tta': True, 'stats_only': False}
     # a cache labelled with another spec is refused with one line
     other = str(tmp_path / 'k3.npz')
     build_lr_cache(other, 'sample:val', num_samples=2, gt_size=32, seed=0, prompt={'num_intervals': 3},

@@ -1,5 +1,6 @@
 """IRPAD: arch shapes, gradient flow, encoders (conv / tiny open_clip / tiny HF CLIP text),
 save/load, retrieval on a separable toy set, metrics, the training model and the predictor API."""
+import copy
 import json
 import os
 import shutil
@@ -444,3 +445,123 @@ def test_stats_score_is_a_direct_path_from_the_statistics_to_the_scores(tmp_path
     assert pred.net.stats_tokens == 2
     with torch.no_grad():
         assert torch.allclose(pred.predict_logits(lq), ref, atol=1e-5)
+
+
+STATS_NET = dict(image_encoder={'type': 'conv', 'channels': [8, 16], 'dstat_tokens': 2, 'dstat_features': 'v2'},
+                 embed_dim=16, num_heads=2, ffn_ratio=2.0, stats_score=True)
+
+
+def test_stats_logits_is_the_statistics_term_of_the_scores():
+    from dalpsr.archs.degradation_stats import degradation_statistics
+    from dalpsr.data.prompt_labels import PromptSpec
+    torch.manual_seed(0)
+    net = IRPAD(3, 4, PromptSpec.from_opt(None).candidates(), **STATS_NET).eval()
+    lq = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        full = net(lq)
+        net.score.weight.zero_()
+        net.sim_q.weight.zero_()     # the decoder's two terms gone: only the statistics term is left
+        only_stats = net(lq)
+    assert not torch.allclose(full, only_stats)
+    assert torch.allclose(net.stats_logits(degradation_statistics(lq, 'v2')), only_stats, atol=1e-5)
+    # the predictor's diagnostic mode scores with that term alone, through the same crops
+    from dalpsr.models.irpad_model import IRPADPredictor
+    pred = IRPADPredictor(net, PromptSpec.from_opt(None), crop=16, crop_align=8, stats_only=True)
+    boxes = pred.crops(32, 32)
+    with torch.no_grad():
+        want = sum(net.stats_logits(degradation_statistics(lq[:, :, y:y + a, x:x + b], 'v2'))
+                   for y, x, a, b in boxes) / len(boxes)
+    assert len(boxes) == 4 and torch.allclose(pred.predict_logits(lq), want, atol=1e-5)
+    with pytest.raises(ValueError, match='stats_only needs an IRPAD with stats_score'):
+        IRPADPredictor(IRPAD(3, 4, image_encoder={'type': 'conv', 'channels': [8, 16]}, embed_dim=16, num_heads=2),
+                       PromptSpec.from_opt(None), stats_only=True)
+    names = {n for n, p in net.named_parameters() if any(p is q for q in net.stats_parameters())}
+    assert names and all(n.startswith(('image_encoder.dstat.', 'stats_img.', 'stats_q.')) for n in names)
+    with pytest.raises(ValueError, match='needs stats_score'):
+        IRPAD(3, 4, image_encoder=STATS_NET['image_encoder'], embed_dim=16, num_heads=2).stats_logits(torch.zeros(1, 159))
+
+
+def test_stats_pretrain_fits_only_the_statistics_path_deterministically(tmp_path, small_cache):
+    from dalpsr.data.lr_cache import CachedLRDataset
+    from dalpsr.models.irpad_model import IRPADModel
+    from dalpsr.utils.misc import set_random_seed
+    from dalpsr.utils.options import OptionError
+    sp = {'epochs': 40, 'lr': 1e-2, 'batch_size': 8}
+    ds = CachedLRDataset(small_cache)                  # 12 LRs of 32 px -> 4 crops of 16 px each
+
+    def build():
+        set_random_seed(0)
+        return IRPADModel(_model_opt(tmp_path, small_cache, network=dict(STATS_NET), train_crop=16, stats_pretrain=sp))
+
+    m = build()
+    feats, labels = m.statistics_of(ds)
+    assert feats.shape == (48, 159) and torch.equal(labels[:4], torch.as_tensor(ds.labels[:1]).repeat(4, 1))
+    before = {k: v.clone() for k, v in m.net.state_dict().items()}
+    with torch.no_grad():   # on a copy: a forward in train mode moves the BatchNorm's running statistics
+        loss0 = float(m.loss_fn(copy.deepcopy(m.net).train().stats_logits(feats), labels))
+    acc = m.before_training(ds)
+    with torch.no_grad():
+        loss1 = float(m.loss_fn(copy.deepcopy(m.net).train().stats_logits(feats), labels))
+    assert loss1 < 0.5 * loss0 and min(acc.values()) > 0.6      # 48 rows: the path can fit them
+    after = m.net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(('image_encoder.dstat.', 'stats_img.', 'stats_q.')) for k in changed)
+    assert 'image_encoder.dstat.norm.running_mean' in changed           # BatchNorm saw the statistics
+    assert all(p.grad is None for p in m.net.parameters())
+    m2 = build()
+    m2.before_training(ds)
+    assert all(torch.equal(v, m2.net.state_dict()[k]) for k, v in after.items())
+    # options
+    for bad, msg in (({'epochs': 2, 'lrr': 1}, 'unknown key'), ({'epochs': -1}, 'epochs >= 0'), (5, 'a mapping'),
+                     ({'freeze': 'yes'}, 'true or false')):
+        with pytest.raises(OptionError, match=msg):
+            IRPADModel(_model_opt(tmp_path, small_cache, network=dict(STATS_NET), stats_pretrain=bad))
+    with pytest.raises(OptionError, match='stats_score: true'):
+        IRPADModel(_model_opt(tmp_path, small_cache, stats_pretrain={'epochs': 2}))
+    with pytest.raises(OptionError, match='cached LRs'):
+        m.before_training(torch.utils.data.TensorDataset(torch.zeros(2)))
+    assert IRPADModel(_model_opt(tmp_path, small_cache, network=dict(STATS_NET),
+                                 stats_pretrain={'epochs': 0})).before_training(ds) is None
+
+
+def test_stats_pretrain_runs_at_the_first_step_only_and_resumes_exactly(tmp_path, small_cache, monkeypatch):
+    from dalpsr.models.irpad_model import IRPADModel
+    from dalpsr.train import train
+    calls = []
+    orig = IRPADModel.before_training
+    monkeypatch.setattr(IRPADModel, 'before_training', lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
+
+    def opt(root, **t):
+        o = _model_opt(root, small_cache, network=dict(STATS_NET), train_crop=16,
+                       stats_pretrain={'epochs': 3, 'batch_size': 8, 'freeze': True})
+        o['train'].update(checkpoint_freq=2, val_freq=0, handle_signals=False, **t)
+        o['_args'] = {'resume': 'auto', 'force': False}
+        return o
+
+    full = train(opt(tmp_path / 'a'))
+    assert len(calls) == 1
+    part = train(opt(tmp_path / 'b', stop_after_iter=4))
+    assert part['step'] == 4 and len(calls) == 2
+    resumed = train(opt(tmp_path / 'b'))
+    assert len(calls) == 2, 'a resumed run must not pre-fit again (its checkpoint holds the weights)'
+    assert resumed['step'] == 6 and resumed['losses'] == full['losses'][4:]
+    a, b = (r['model'].unwrap(r['model'].net).state_dict() for r in (full, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # freeze: the statistics path ends the run as the pre-fit left it (BatchNorm statistics too),
+    # the rest trained on
+    from dalpsr.data.lr_cache import CachedLRDataset
+    from dalpsr.utils.misc import set_random_seed
+    set_random_seed(0)
+    ref = IRPADModel(opt(tmp_path / 'c'))
+    assert not any(p.requires_grad for p in ref.net.stats_parameters())
+    assert not {id(p) for p in ref.net.stats_parameters()} & {id(p) for p in ref.param_groups()}
+    init = {k: v.clone() for k, v in ref.net.state_dict().items()}
+    orig(ref, CachedLRDataset(small_cache))
+    assert not any(p.requires_grad for p in ref.net.stats_parameters())
+    fitted = ref.net.state_dict()
+    stats_keys = [k for k in a if k.startswith(('image_encoder.dstat.', 'stats_img.', 'stats_q.'))
+                  and not k.endswith('num_batches_tracked')]   # a counter BatchNorm keeps even at momentum 0
+    moved = [k for k in stats_keys if not torch.equal(a[k], fitted[k])]
+    assert not moved, moved
+    assert any(not torch.equal(init[k], fitted[k]) for k in stats_keys)
+    assert not torch.equal(a['image_encoder.stem.0.weight'], init['image_encoder.stem.0.weight'])

@@ -28,7 +28,7 @@ def test_reference_documents_every_irpad_key():
     from dalpsr.data.prompt_labels import PromptSpec
     from dalpsr.models.irpad_model import IRPADModel
     text = (REPO / 'options' / 'reference' / 'irpad.yml').read_text()
-    keys = set(IRPADModel.KEYS)
+    keys = set(IRPADModel.KEYS) | set(IRPADModel.STATS_PRETRAIN)
     keys |= set(_params(IRPAD, drop=('num_types', 'num_intervals', 'candidates')))
     keys |= set(_params(ConvEncoder)) | set(_params(OpenCLIPImageEncoder, drop=('vision_spec',)))
     keys |= {'model_name', 'pretrained', 'path', 'dim'}          # prompt_embedding kinds
@@ -46,6 +46,7 @@ def test_reference_options_build_the_model_and_train_block():
     opt = load_options(str(REPO / 'options' / 'reference' / 'irpad.yml'))
     resolve_train_opt(opt)
     m = IRPADModel(opt)
+    assert m.stats_pretrain == {'epochs': 10, 'lr': 1e-3, 'batch_size': 256, 'weight_decay': 0.01, 'freeze': False}
     assert m.spec.prompt([0, 1, 3]) == 'Deblur with sigma 0~0.25, Denoise with sigma 0.25~0.5, Dejpeg with sigma 0.75~1'
     assert m.net(torch.rand(2, 3, 32, 32)).shape == (2, 3, 4)
 
@@ -125,5 +126,8 @@ def test_cpu_recipe_builds(tmp_path):
     ds, _ = _build_dataset(opt, 'train', 0)
     assert model.net(ds[0]['lq'][None]).shape == (1, 3, 4)
     assert isinstance(model.param_groups(), list)
-    # the recipe's choices of issue 18: v2 statistics, scored directly as well
+    # the recipe's choices of issue 18: v2 statistics, scored directly as well, that path pre-fitted
+    # and then kept fixed (not in the optimizer)
     assert model.net.image_encoder.dstat.feature_set == 'v2' and model.net.stats_tokens == 4
+    assert model.stats_pretrain['epochs'] == 30 and model.stats_pretrain['freeze'] is True
+    assert not {id(p) for p in model.net.stats_parameters()} & {id(p) for p in model.param_groups()}

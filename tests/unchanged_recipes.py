@@ -64,9 +64,10 @@ def recipe_options(name: str, repo: Path, root: Path) -> Dict[str, Any]:
             d['build'] = dict(d['build'], num_samples=n, gt_size=size, workers=1)
         opt['datasets']['val']['batch_size'] = 8
         opt['train']['batch_size'] = 8
-        # recorded before the recipe took the v2 statistics and stats_score (issue 18): removing
-        # the two keys gives the defaults the reference was recorded with (this pins the training
-        # code, not the recipe's architecture; tests/test_irpad.py covers the new parts)
+        # recorded before the recipe took the v2 statistics, stats_score and stats_pretrain (issue
+        # 18): removing the three keys gives the defaults the reference was recorded with (this pins
+        # the training code, not the recipe's architecture; tests/test_irpad.py covers the new parts)
+        opt['model'].pop('stats_pretrain', None)
         opt['model']['network'].pop('stats_score', None)
         opt['model']['network']['image_encoder'].pop('dstat_features', None)
     elif name == 'caption_align_tiny':

@@ -169,12 +169,7 @@ def degradation_statistics(lq: torch.Tensor, feature_set: str = 'v1') -> torch.T
     yc = y[:, 0] - y[:, 0].mean(dim=(1, 2), keepdim=True)
     power = torch.fft.rfft2(yc).abs() ** 2
     radius = (torch.fft.fftfreq(h, device=y.device)[:, None] ** 2 + torch.fft.rfftfreq(w, device=y.device)[None, :] ** 2).sqrt()
-    edges = torch.linspace(0, 0.5, 11, device=y.device)
-    bands = []
-    for i in range(10):
-        m = ((radius >= edges[i]) & (radius < edges[i + 1])).float()
-        bands.append((power * m).sum((1, 2)) / m.sum().clamp_min(1))
-    bands = torch.log(torch.stack(bands, 1) + 1e-3)
+    bands = _band_powers(power, radius, torch.linspace(0, 0.5, 11, device=y.device))
     out.append(bands - bands[:, :1])
     # JPEG: blockiness per grid phase, DCT zero fractions on the (0, 0) grid
     dx = gx.abs().mean(dim=(1, 2))  # [B, w-1]
@@ -221,10 +216,16 @@ class DegradationStatsTokens(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(n, hidden), nn.GELU(), nn.Linear(hidden, self.num_tokens * self.dim))
 
     def forward(self, lq: torch.Tensor) -> torch.Tensor:
-        f = degradation_statistics(lq, self.feature_set).to(self.mlp[0].weight.dtype)
+        return self.from_features(degradation_statistics(lq, self.feature_set))
+
+    def from_features(self, f: torch.Tensor) -> torch.Tensor:
+        """Raw statistics [B, F] (:func:`degradation_statistics` of ``feature_set``) -> tokens
+        [B, num_tokens, dim]; ``forward(lq) == from_features(degradation_statistics(lq))``, so the
+        statistics of a fixed set of LRs can be computed once (IRPAD's ``stats_pretrain``)."""
+        f = f.to(self.mlp[0].weight.dtype)
         if self.training and f.shape[0] == 1:  # batch statistics need 2+ samples: use the running ones
             n = self.norm
             f = F.batch_norm(f, n.running_mean, n.running_var, n.weight, n.bias, False, 0.0, n.eps)
         else:
             f = self.norm(f)
-        return self.mlp(f).view(lq.shape[0], self.num_tokens, self.dim)
+        return self.mlp(f).view(f.shape[0], self.num_tokens, self.dim)

@@ -453,10 +453,34 @@ class IRPAD(nn.Module):
         g = self.sim_img(kv.mean(1))                                   # [B, D]
         sim = (self.sim_q(qn) * g[:, None]).sum(-1) / qn.shape[-1] ** 0.5  # [B, Q]
         if self.stats_tokens:                                          # the conv encoder appends them last
-            st = self.stats_img(kv[:, -self.stats_tokens:].mean(1))    # [B, D]
-            sim = sim + st @ self.stats_q(prompts).t() / qn.shape[-1] ** 0.5
+            sim = sim + self._stats_sim(kv[:, -self.stats_tokens:], prompts)
         logits = (self.score(qn).squeeze(-1) + sim).view(-1, self.num_types, self.num_intervals)
         return (logits, weights) if return_attention else logits
+
+    def _stats_sim(self, stats_kv: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """Projected statistics tokens [B, n, D], candidate embeddings [Q, D] -> the ``stats_score``
+        term [B, Q]: the candidates' similarity with the tokens' mean."""
+        st = self.stats_img(stats_kv.mean(1))                          # [B, D]
+        return st @ self.stats_q(prompts).t() / prompts.shape[-1] ** 0.5
+
+    def stats_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Raw degradation statistics [B, F] of the LRs (``degradation_statistics`` of the encoder's
+        ``dstat_features``) -> the ``stats_score`` term alone as logits [B, T, K]: what the
+        statistics path adds to ``forward``'s scores, computed without the image (needs
+        ``stats_score``). Used to pre-train that path on statistics computed once."""
+        if not self.stats_tokens:
+            raise ValueError('IRPAD.stats_logits needs stats_score: true')
+        enc = self.image_encoder
+        kv = self.image_proj(enc.norm(enc.dstat.from_features(features)))
+        return self._stats_sim(kv, self.prompt_queries()).view(-1, self.num_types, self.num_intervals)
+
+    def stats_parameters(self) -> List[nn.Parameter]:
+        """The parameters only the statistics path uses (the statistics MLP and its BatchNorm,
+        ``stats_img``, ``stats_q``); the layers it shares with the conv tokens are not included."""
+        if not self.stats_tokens:
+            return []
+        mods = [self.image_encoder.dstat, self.stats_img, self.stats_q]
+        return [p for m in mods for p in m.parameters()]
 
     @torch.no_grad()
     def predict(self, lq: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ The loop calls, in order::
     nets = model.trainable_modules()             # {name: nn.Module} passed to accelerator.prepare
     ... prepared = accelerator.prepare(*nets.values(), optimizer, scheduler)
     model.set_prepared(dict(zip(nets, prepared)))  # the model keeps using the wrapped modules
+    model.before_training(train_set, log)        # only at step 0 (new run), e.g. a pre-fit of one part
     for batch in loader:                         # batch: dict of tensors / lists (dataset output)
         with accelerator.accumulate(*prepared):
             out = model.training_step(batch, step)   # {'loss': scalar tensor, other floats to log}
@@ -76,6 +77,11 @@ class BaseModel:
             setattr(self, name, module)
 
     # ---- steps ---------------------------------------------------------------------
+    def before_training(self, train_set, log=None) -> Any:
+        """Called once before the first step of a new run (never on resume: the checkpoint holds
+        its effect), after the optimizer exists; e.g. IRPAD's ``stats_pretrain``. Default: nothing."""
+        return None
+
     def training_step(self, batch: Dict[str, Any], step: int) -> Dict[str, Any]:
         """Return ``{'loss': tensor, ...floats to log}``. No backward, no optimizer step."""
         raise NotImplementedError

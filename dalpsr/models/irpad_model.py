@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from dalpsr.models.base_model import BaseModel
 from dalpsr.utils.registry import MODEL_REGISTRY
 
-__all__ = ['IRPADModel', 'IRPADPredictor', 'crop_starts', 'build_irpad', 'confusion_metrics', 'confusion_matrices',
+__all__ = ['IRPADModel', 'IRPADPredictor', 'StatsTermOnly', 'crop_starts', 'crop_boxes', 'lr_statistics', 'build_irpad', 'confusion_metrics', 'confusion_matrices',
            'save_irpad', 'load_irpad', 'CONFIG_NAME', 'WEIGHTS_NAME']
 
 CONFIG_NAME = 'irpad.json'
@@ -157,12 +157,14 @@ class IRPADModel(BaseModel):
           train_crop_align: 8    # crop offsets are multiples of this (8 keeps the JPEG block grid)
           encoder_lr_scale: 1.0  # LR of a trainable image encoder = train.optimizer.lr x this
           pretrained: null       # an IRPAD export folder to start from
+          stats_pretrain: null   # {epochs, lr, batch_size, weight_decay}: fit the stats_score path first
 
     Batch keys used: ``lq`` [B, 3, h, w] in [0, 1], ``labels`` int64 [B, T].
     """
 
     KEYS = {'type', 'prompt', 'network', 'label_smoothing', 'ordinal_sigma', 'train_crop', 'train_crop_align',
-            'encoder_lr_scale', 'pretrained'}
+            'encoder_lr_scale', 'pretrained', 'stats_pretrain'}
+    STATS_PRETRAIN = {'epochs': 30, 'lr': 1.0e-3, 'batch_size': 256, 'weight_decay': 0.01, 'freeze': False}
 
     def __init__(self, opt: Dict[str, Any], accelerator=None):
         super().__init__(opt, accelerator)
@@ -203,6 +205,109 @@ class IRPADModel(BaseModel):
             raise OptionError(f'model.encoder_lr_scale in {src} must be >= 0, got {self.encoder_lr_scale}')
         self.base_lr = float(get_opt(opt, 'train.optimizer.lr', 0.0) or 0.0)
         self.seed = int(opt.get('seed', opt.get('manual_seed', 0)) or 0)
+        self.stats_pretrain = self._stats_pretrain_opt(mopt.get('stats_pretrain'), src)
+
+    def _stats_pretrain_opt(self, cfg, src) -> Optional[Dict[str, Any]]:
+        from dalpsr.utils.options import OptionError
+        if not cfg:
+            return None
+        if not isinstance(cfg, dict):
+            raise OptionError(f'model.stats_pretrain in {src} must be a mapping '
+                              f'({sorted(self.STATS_PRETRAIN)}) or null, got {cfg!r}')
+        bad = sorted(set(cfg) - set(self.STATS_PRETRAIN))
+        if bad:
+            raise OptionError(f'model.stats_pretrain in {src}: unknown key(s) {bad} '
+                              f'(known: {sorted(self.STATS_PRETRAIN)})')
+        out = dict(self.STATS_PRETRAIN, **cfg)
+        try:
+            out = {'epochs': int(out['epochs']), 'lr': float(out['lr']), 'batch_size': int(out['batch_size']),
+                   'weight_decay': float(out['weight_decay']), 'freeze': out['freeze']}
+        except (TypeError, ValueError) as err:
+            raise OptionError(f'model.stats_pretrain in {src}: {err}') from err
+        if out['epochs'] < 0 or out['lr'] <= 0 or out['batch_size'] < 2 or out['weight_decay'] < 0:
+            raise OptionError(f'model.stats_pretrain in {src} needs epochs >= 0, lr > 0, batch_size >= 2 and '
+                              f'weight_decay >= 0, got {out}')
+        if out['epochs'] and not self.net.stats_tokens:
+            raise OptionError(f'model.stats_pretrain in {src} fits the stats_score path: set '
+                              'model.network.stats_score: true (with image_encoder.dstat_tokens > 0)')
+        if not isinstance(out['freeze'], bool):
+            raise OptionError(f"model.stats_pretrain.freeze in {src} must be true or false, got {out['freeze']!r}")
+        if not out['epochs']:
+            return None
+        if out['freeze']:   # set here, not in before_training, so a resumed run has it too
+            self._set_stats_frozen(True)
+        return out
+
+    def _set_stats_frozen(self, frozen: bool) -> None:
+        """Statistics path fixed (no gradient, BatchNorm running statistics no longer updated) or
+        trainable again."""
+        net = self.unwrap(self.net)
+        for p in net.stats_parameters():
+            p.requires_grad_(not frozen)
+        net.image_encoder.dstat.norm.momentum = 0.0 if frozen else 0.1
+
+    # ---- before the first step -----------------------------------------------------------
+    def statistics_of(self, train_set):
+        """(statistics float32 [M, F], labels int64 [M, T]) of every training LR (``train_set.lq``,
+        uint8 [N, h, w, 3], and ``.labels`` [N, T], as a :class:`CachedLRDataset` holds them): an LR
+        larger than ``train_crop`` contributes each crop of the prediction grid, with its labels."""
+        lq_all, labels = getattr(train_set, 'lq', None), getattr(train_set, 'labels', None)
+        if lq_all is None or labels is None:
+            from dalpsr.utils.options import OptionError
+            raise OptionError(f'model.stats_pretrain needs a training set of cached LRs (CachedLRDataset), '
+                              f'got {type(train_set).__name__}; remove stats_pretrain or use an LR cache')
+        boxes = crop_boxes(*lq_all.shape[1:3], self.train_crop, self.train_crop_align)
+        feats = lr_statistics(lq_all, self.unwrap(self.net).image_encoder.dstat.feature_set, boxes)
+        feats = feats.flatten(0, 1)                                                    # [N * crops, F]
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).repeat_interleave(len(boxes), 0)
+        return feats, labels
+
+    def before_training(self, train_set, log=None) -> Optional[Dict[str, float]]:
+        """With ``stats_pretrain``: fit the statistics path (``IRPAD.stats_parameters``: the
+        statistics MLP, its BatchNorm, ``stats_img``, ``stats_q``) alone on statistics computed once
+        per training LR, for ``epochs`` passes (AdamW, batch ``batch_size``, seeded by ``seed``),
+        before the first training step; the rest of the network is untouched. With ``freeze`` the
+        path then stays as fitted (not in the optimizer; the decoder learns what the statistics
+        miss), else it trains on with the rest. The loop calls it
+        only at step 0 (a resumed run has these weights in its checkpoint). Returns the statistics
+        path's training accuracy per type (None without stats_pretrain)."""
+        cfg = self.stats_pretrain
+        if not cfg:
+            return None
+        import time
+        t0 = time.time()
+        net = self.unwrap(self.net)
+        feats, labels = self.statistics_of(train_set)
+        if cfg['freeze']:
+            self._set_stats_frozen(False)
+        feats, labels = feats.to(self.device), labels.to(self.device)
+        params = net.stats_parameters()
+        opt = torch.optim.AdamW(params, lr=cfg['lr'], weight_decay=cfg['weight_decay'])
+        g = torch.Generator().manual_seed(self.seed * 7919 + 17)
+        was_training = net.training
+        net.train()
+        n, bs = len(labels), min(cfg['batch_size'], len(labels))
+        for _ in range(cfg['epochs']):
+            perm = torch.randperm(n, generator=g)
+            for i in range(0, n - bs + 1, bs):   # whole batches only (BatchNorm)
+                b = perm[i:i + bs].to(self.device)
+                loss = self.loss_fn(net.stats_logits(feats[b]), labels[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        net.zero_grad(set_to_none=True)
+        if cfg['freeze']:
+            self._set_stats_frozen(True)
+        net.eval()
+        with torch.no_grad():
+            pred = torch.cat([net.stats_logits(feats[i:i + 1024]).argmax(-1) for i in range(0, n, 1024)])
+        net.train(was_training)
+        acc = {name: float((pred[:, t] == labels[:, t]).float().mean()) for t, name in enumerate(self.types)}
+        if log is not None:
+            log.info('stats_pretrain: %d epochs over the statistics of %d training LR crops in %.1f s; '
+                     'training accuracy of the statistics path: %s', cfg['epochs'], n, time.time() - t0,
+                     ', '.join(f'{k} {v:.3f}' for k, v in acc.items()))
+        return acc
 
     def trainable_modules(self):
         return {'net': self.net}
@@ -301,6 +406,46 @@ def crop_starts(size: int, crop: int, align: int = 1) -> List[int]:
     return sorted(set(starts))
 
 
+def crop_boxes(h: int, w: int, crop: int, align: int = 1) -> List[tuple]:
+    """``(y, x, ch, cw)`` of the crops IRPAD scores an ``h x w`` LR with: the grid of
+    :func:`crop_starts` in both directions, or the whole LR when ``crop`` <= 0."""
+    if crop <= 0:
+        return [(0, 0, h, w)]
+    ch, cw = min(crop, h), min(crop, w)
+    return [(y, x, ch, cw) for y in crop_starts(h, ch, align) for x in crop_starts(w, cw, align)]
+
+
+def lr_statistics(lq_uint8, feature_set: str = 'v1', boxes: Optional[Sequence[tuple]] = None,
+                  batch: int = 256) -> torch.Tensor:
+    """Degradation statistics (:func:`dalpsr.archs.degradation_stats.degradation_statistics`) of
+    LR images uint8 [N, h, w, 3] -> float32 [N, C, F], one row per box ``(y, x, bh, bw)`` of
+    ``boxes`` (default: the whole LR, C = 1); ``batch`` images at a time."""
+    from dalpsr.archs.degradation_stats import degradation_statistics
+    boxes = list(boxes or [(0, 0) + tuple(lq_uint8.shape[1:3])])
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(lq_uint8), batch):
+            x = torch.from_numpy(np.ascontiguousarray(lq_uint8[i:i + batch])).permute(0, 3, 1, 2).float().div_(255.0)
+            out.append(torch.stack([degradation_statistics(x[:, :, y:y + a, x0:x0 + b], feature_set)
+                                    for y, x0, a, b in boxes], 1))
+    return torch.cat(out)
+
+
+class StatsTermOnly(torch.nn.Module):
+    """lq [B, 3, h, w] in [0, 1] -> the ``stats_score`` term of ``net`` alone as logits [B, T, K]
+    (``IRPAD.stats_logits`` of the LR's statistics): what the statistics path predicts by itself."""
+
+    def __init__(self, net):
+        super().__init__()
+        if not getattr(net, 'stats_tokens', 0):
+            raise ValueError('stats_only needs an IRPAD with stats_score: true')
+        self.net = net
+
+    def forward(self, lq: torch.Tensor) -> torch.Tensor:
+        from dalpsr.archs.degradation_stats import degradation_statistics
+        return self.net.stats_logits(degradation_statistics(lq, self.net.image_encoder.dstat.feature_set))
+
+
 class IRPADPredictor:
     """Degradation prompt from LR images with a trained IRPAD.
 
@@ -310,7 +455,8 @@ class IRPADPredictor:
     crop is one crop (the whole image). ``train_crop`` 0 (trained on whole LRs) or absent (an
     older export; logged) predicts on the whole LR. ``crop`` overrides it (0: whole LR).
     ``tta``: also average the logits over the 8 flips/rot90 of the LR (the training augmentation;
-    they keep the 8x8 JPEG grid of an LR whose sides are multiples of 8).
+    they keep the 8x8 JPEG grid of an LR whose sides are multiples of 8). ``stats_only``: score
+    with the statistics term alone (:class:`StatsTermOnly`; a diagnostic of ``stats_score`` models).
 
     >>> pred = IRPADPredictor.from_pretrained('experiments/irpad_cpu/export')   # doctest: +SKIP
     >>> pred.predict_prompt(lq)   # lq [B, 3, h, w] in [0, 1]                    # doctest: +SKIP
@@ -318,10 +464,12 @@ class IRPADPredictor:
     """
 
     def __init__(self, net, spec, device='cpu', meta: Optional[Dict[str, Any]] = None, crop: Optional[int] = None,
-                 crop_align: Optional[int] = None, crop_batch: int = 16, tta: bool = False):
+                 crop_align: Optional[int] = None, crop_batch: int = 16, tta: bool = False,
+                 stats_only: bool = False):
         self.device = torch.device(device)
         self.tta = bool(tta)
-        self.net = net.to(self.device).eval()
+        self.stats_only = bool(stats_only)
+        self.net = (StatsTermOnly(net) if self.stats_only else net).to(self.device).eval()
         self.spec = spec
         self.meta = meta or {}
         if crop is None:
@@ -351,10 +499,7 @@ class IRPADPredictor:
 
     def crops(self, h: int, w: int) -> List[tuple]:
         """``(y, x, ch, cw)`` of every crop of an ``h x w`` LR (one, the whole LR, without crop)."""
-        if self.crop <= 0:
-            return [(0, 0, h, w)]
-        ch, cw = min(self.crop, h), min(self.crop, w)
-        return [(y, x, ch, cw) for y in crop_starts(h, ch, self.crop_align) for x in crop_starts(w, cw, self.crop_align)]
+        return crop_boxes(h, w, self.crop, self.crop_align)
 
     @torch.no_grad()
     def predict_logits(self, lq: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,10 @@ def train(opt: Dict[str, Any]) -> Dict[str, Any]:
         if ts.counters.step >= total:
             run.log.info('experiment already trained to step %d (total_iter %d)', ts.counters.step, total)
             return s.finish()
+        if ts.counters.step == 0:                 # a new run (a resumed one has it in its checkpoint)
+            ts.model.before_training(ts.train_set, run.log)
+            if ts.ema is not None:
+                ts.ema.reset_to_current()
         if t['val_at_start'] and ts.counters.step == 0:
             s.last_val = validate(run, ts, s.writer, 0)
         batches = s.start_stream()

@@ -83,6 +83,12 @@ class ModelEMA:
         self.num_updates += 1
 
     @torch.no_grad()
+    def reset_to_current(self) -> None:
+        """Shadow := the current weights (after a model changed them before the first step)."""
+        for k, p in self._params():
+            self.shadow[k].copy_(p.detach().to(self.shadow[k].dtype))
+
+    @torch.no_grad()
     def _copy_into_params(self, src: Dict[str, torch.Tensor]) -> None:
         for k, p in self._params():
             p.copy_(src[k].to(p.dtype))
