@@ -34,9 +34,19 @@ Feature set ``'v2'`` appends 44 blur features (``'v1'``, the default, is the 115
 * scale (4): the 50/90/97/99 % quantiles of the gradient magnitude at full resolution relative
   to those after 2x2 averaging (a sharp image loses more of its gradient to the averaging).
 
+Feature set ``'v3'`` appends 31 more (re-blur, the classical no-reference blur estimator: an
+image that is already blurred loses less of its gradient when blurred again):
+
+* re-blur (22): for a Gaussian re-blur of std 1 and of std 2.5 (LR pixels), the ratio of the
+  gradient magnitude after to before at the 1 %, 5 % and 20 % pixels of strongest gradient,
+  quantiles (25, 50, 75 %), and the ratio of the 90 / 99 % gradient quantiles of the whole image.
+  A Gaussian edge of std s re-blurred by r keeps ``s / sqrt(s^2 + r^2)`` of its peak slope;
+* Laplacian over gradient (9): at the same pixels, |Laplacian| / gradient magnitude, quantiles
+  (25, 50, 75 %) (about 1 / s near a blurred edge).
+
 On the seed-2 choice set of docs/irpad.md a classifier on the statistics alone reads blur at
 0.586 from v1 and at 0.633 from v2 (``scripts/irpad_feature_probe.py --features v1|v2``, the
-command in docs/irpad.md).
+command in docs/irpad.md); what v3 adds there: docs/irpad.md, Results.
 
 Magnitudes are log-compressed. Output [B, num_features(feature_set)] float32; values are O(1)-O(10) and
 not standardised (:class:`DegradationStatsTokens` normalises them with BatchNorm).
@@ -58,14 +68,18 @@ __all__ = ['degradation_statistics', 'DegradationStatsTokens', 'NUM_FEATURES', '
 MIN_SIZE = 16
 NUM_FEATURES = 12 + 18 + 80 + 5          # feature set 'v1'
 NUM_EDGE_FEATURES = 12 + 14 + 14 + 4     # added by 'v2'
-FEATURE_SETS = ('v1', 'v2')
+NUM_REBLUR_FEATURES = 2 * (9 + 2) + 9    # added by 'v3' (after the 'v2' ones)
+FEATURE_SETS = ('v1', 'v2', 'v3')
+_REBLUR_STDS = (1.0, 2.5)
+_TOP_FRACTIONS = (0.01, 0.05, 0.2)
 
 
 def num_features(feature_set: str = 'v1') -> int:
-    """Length of the feature vector of ``feature_set`` ('v1' or 'v2')."""
+    """Length of the feature vector of ``feature_set`` ('v1', 'v2' or 'v3')."""
     if feature_set not in FEATURE_SETS:
         raise ValueError(f'degradation statistics: feature_set must be one of {list(FEATURE_SETS)}, got {feature_set!r}')
-    return NUM_FEATURES + (NUM_EDGE_FEATURES if feature_set == 'v2' else 0)
+    return (NUM_FEATURES + (NUM_EDGE_FEATURES if feature_set in ('v2', 'v3') else 0)
+            + (NUM_REBLUR_FEATURES if feature_set == 'v3' else 0))
 _LUMA = (0.299, 0.587, 0.114)
 
 
@@ -141,6 +155,35 @@ def _edge_statistics(y: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, 1)
 
 
+def _gaussian_blur(y: torch.Tensor, std: float) -> torch.Tensor:
+    """y [B,1,h,w] -> separable Gaussian blur of ``std`` pixels (radius 3 std, replicate borders)."""
+    r = max(1, int(3 * std + 0.5))
+    t = torch.arange(-r, r + 1, dtype=y.dtype, device=y.device)
+    k = torch.exp(-t ** 2 / (2 * std * std))
+    k = k / k.sum()
+    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode='replicate'), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(y, (0, 0, r, r), mode='replicate'), k.view(1, 1, -1, 1))
+
+
+def _reblur_statistics(y: torch.Tensor) -> torch.Tensor:
+    """The 'v3' re-blur features (module doc) of luma y [B,1,h,w] in [0, 255] -> [B, NUM_REBLUR_FEATURES]."""
+    g = _gradient_magnitude(y).flatten(1)
+    tops = [g.topk(max(4, int(g.shape[1] * f)), 1).indices for f in _TOP_FRACTIONS]
+    g_top = [g.gather(1, idx) + 0.5 for idx in tops]
+    out = []
+    for std in _REBLUR_STDS:
+        gb = _gradient_magnitude(_gaussian_blur(y, std)).flatten(1)
+        for idx, gt in zip(tops, g_top):
+            out.append(torch.log(_quantiles((gb.gather(1, idx) + 0.5) / gt, (.25, .5, .75))))
+        qs = (.9, .99)
+        out.append(torch.log((_quantiles(gb, qs) + 0.5) / (_quantiles(g, qs) + 0.5)))
+    lap = (4 * y[..., 1:-1, 1:-1] - y[..., :-2, 1:-1] - y[..., 2:, 1:-1] - y[..., 1:-1, :-2] - y[..., 1:-1, 2:]).abs()
+    lap = F.pad(lap, (1, 1, 1, 1)).flatten(1)
+    for idx, gt in zip(tops, g_top):
+        out.append(torch.log(_quantiles((lap.gather(1, idx) + 0.5) / gt, (.25, .5, .75))))
+    return torch.cat(out, 1)
+
+
 @torch.no_grad()
 def degradation_statistics(lq: torch.Tensor, feature_set: str = 'v1') -> torch.Tensor:
     """lq [B, 3, h, w] in [0, 1] (h, w >= 16) -> features [B, num_features(feature_set)] (float32)."""
@@ -192,8 +235,10 @@ def degradation_statistics(lq: torch.Tensor, feature_set: str = 'v1') -> torch.T
     q_mid = torch.where(n_mid > 0, q_mid, noise_q[:, 2])  # no mid cell: the 10 % quantile of all cells
     out.append(torch.stack([y.mean((1, 2, 3)) / 255.0, (y < 8).float().mean((1, 2, 3)),
                             (y > 247).float().mean((1, 2, 3)), mid.float().mean(1), torch.log(q_mid + 0.05)], 1))
-    if feature_set == 'v2':
+    if feature_set in ('v2', 'v3'):
         out.append(_edge_statistics(y))
+    if feature_set == 'v3':
+        out.append(_reblur_statistics(y))
     feats = torch.cat(out, 1)
     assert feats.shape[1] == n_out
     return feats
@@ -202,14 +247,19 @@ def degradation_statistics(lq: torch.Tensor, feature_set: str = 'v1') -> torch.T
 class DegradationStatsTokens(nn.Module):
     """lq [B, 3, h, w] in [0, 1] -> ``num_tokens`` tokens [B, num_tokens, dim]: the statistics
     above, BatchNorm-standardised (running statistics are saved with the model) and mapped by a
-    two-layer MLP. No gradient flows into the image through this path. A training batch of one
-    sample is normalised with the running statistics (BatchNorm cannot use a batch of one)."""
+    two-layer MLP (``dropout`` on its hidden layer in training mode). No gradient flows into the
+    image through this path. A training batch of one sample is normalised with the running
+    statistics (BatchNorm cannot use a batch of one)."""
 
-    def __init__(self, dim: int, num_tokens: int = 4, hidden: int = 256, feature_set: str = 'v1'):
+    def __init__(self, dim: int, num_tokens: int = 4, hidden: int = 256, feature_set: str = 'v1',
+                 dropout: float = 0.0):
         super().__init__()
         if num_tokens < 1:
             raise ValueError(f'DegradationStatsTokens: num_tokens must be >= 1, got {num_tokens}')
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f'DegradationStatsTokens: dropout must be in [0, 1), got {dropout}')
         self.num_tokens, self.dim = int(num_tokens), int(dim)
+        self.drop = nn.Dropout(float(dropout))   # outside ``mlp``, so its state_dict keys stay those of dropout 0
         self.feature_set = str(feature_set)
         n = num_features(self.feature_set)
         self.norm = nn.BatchNorm1d(n)
@@ -228,4 +278,5 @@ class DegradationStatsTokens(nn.Module):
             f = F.batch_norm(f, n.running_mean, n.running_var, n.weight, n.bias, False, 0.0, n.eps)
         else:
             f = self.norm(f)
-        return self.mlp(f).view(f.shape[0], self.num_tokens, self.dim)
+        h = self.drop(self.mlp[1](self.mlp[0](f)))
+        return self.mlp[2](h).view(f.shape[0], self.num_tokens, self.dim)

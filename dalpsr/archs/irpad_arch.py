@@ -78,12 +78,14 @@ class ConvEncoder(nn.Module):
     statistics of the whole LR (noise level in flat cells, gradient and spectrum fall-off,
     8x8 blockiness and DCT zero fractions; :mod:`dalpsr.archs.degradation_stats`), output
     [B, N + ... + n, C]. They need LR crops of at least 16x16. ``dstat_features`` chooses the
-    statistics: ``'v1'`` (115) or ``'v2'`` (v1 + 44 edge-width and spectrum features for blur).
+    statistics: ``'v1'`` (115), ``'v2'`` (v1 + 44 edge-width and spectrum features for blur) or
+    ``'v3'`` (v2 + 31 re-blur features); ``dstat_dropout`` is the dropout on the hidden layer of
+    the MLP that turns them into tokens.
     """
 
     def __init__(self, channels: Sequence[int] = (16, 32, 64, 128), blocks_per_stage: int = 1,
                  highpass: float = 0.0, stat_tokens: bool = False, stat_pool: Sequence[str] = ('mean', 'std'),
-                 dstat_tokens: int = 0, dstat_features: str = 'v1'):
+                 dstat_tokens: int = 0, dstat_features: str = 'v1', dstat_dropout: float = 0.0):
         super().__init__()
         channels = [int(c) for c in channels]
         if len(channels) < 1:
@@ -111,7 +113,8 @@ class ConvEncoder(nn.Module):
             raise ValueError(f'ConvEncoder: dstat_tokens must be >= 0, got {dstat_tokens}')
         if self.dstat_tokens:
             from dalpsr.archs.degradation_stats import DegradationStatsTokens
-            self.dstat = DegradationStatsTokens(channels[-1], self.dstat_tokens, feature_set=dstat_features)
+            self.dstat = DegradationStatsTokens(channels[-1], self.dstat_tokens, feature_set=dstat_features,
+                                                dropout=dstat_dropout)
         self.norm = nn.LayerNorm(channels[-1])
         self.out_dim = channels[-1]
         self.stride = 2 ** (len(channels) - 1)

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
@@ -102,7 +103,9 @@ class IRPADModel(BaseModel):
 
     KEYS = {'type', 'prompt', 'network', 'label_smoothing', 'ordinal_sigma', 'train_crop', 'train_crop_align',
             'encoder_lr_scale', 'pretrained', 'stats_pretrain'}
-    STATS_PRETRAIN = {'epochs': 30, 'lr': 1.0e-3, 'batch_size': 256, 'weight_decay': 0.01, 'freeze': False}
+    STATS_PRETRAIN = {'epochs': 30, 'lr': 1.0e-3, 'batch_size': 256, 'weight_decay': 0.01, 'freeze': False,
+                      'schedule': 'cosine'}
+    STATS_SCHEDULES = ('cosine', 'constant')
 
     def __init__(self, opt: Dict[str, Any], accelerator=None):
         super().__init__(opt, accelerator)
@@ -159,7 +162,7 @@ class IRPADModel(BaseModel):
         out = dict(self.STATS_PRETRAIN, **cfg)
         try:
             out = {'epochs': int(out['epochs']), 'lr': float(out['lr']), 'batch_size': int(out['batch_size']),
-                   'weight_decay': float(out['weight_decay']), 'freeze': out['freeze']}
+                   'weight_decay': float(out['weight_decay']), 'freeze': out['freeze'], 'schedule': out['schedule']}
         except (TypeError, ValueError) as err:
             raise OptionError(f'model.stats_pretrain in {src}: {err}') from err
         if out['epochs'] < 0 or out['lr'] <= 0 or out['batch_size'] < 2 or out['weight_decay'] < 0:
@@ -168,6 +171,9 @@ class IRPADModel(BaseModel):
         if out['epochs'] and not self.net.stats_tokens:
             raise OptionError(f'model.stats_pretrain in {src} fits the stats_score path: set '
                               'model.network.stats_score: true (with image_encoder.dstat_tokens > 0)')
+        if out['schedule'] not in self.STATS_SCHEDULES:
+            raise OptionError(f"model.stats_pretrain.schedule in {src} must be one of {list(self.STATS_SCHEDULES)}, "
+                              f"got {out['schedule']!r}")
         if not isinstance(out['freeze'], bool):
             raise OptionError(f"model.stats_pretrain.freeze in {src} must be true or false, got {out['freeze']!r}")
         if not out['epochs']:
@@ -203,7 +209,8 @@ class IRPADModel(BaseModel):
     def before_training(self, train_set, log=None) -> Optional[Dict[str, float]]:
         """With ``stats_pretrain``: fit the statistics path (``IRPAD.stats_parameters``: the
         statistics MLP, its BatchNorm, ``stats_img``, ``stats_q``) alone on statistics computed once
-        per training LR, for ``epochs`` passes (AdamW, batch ``batch_size``, seeded by ``seed``),
+        per training LR, for ``epochs`` passes (AdamW, batch ``batch_size``, learning rate ``lr``
+        constant or on a cosine from ``lr`` to 0 over the fit (``schedule``), seeded by ``seed``),
         before the first training step; the rest of the network is untouched. With ``freeze`` the
         path then stays as fitted (not in the optimizer; the decoder learns what the statistics
         miss), else it trains on with the rest. The loop calls it
@@ -225,14 +232,22 @@ class IRPADModel(BaseModel):
         was_training = net.training
         net.train()
         n, bs = len(labels), min(cfg['batch_size'], len(labels))
+        steps = cfg['epochs'] * (n // bs)
+        for group in opt.param_groups:
+            group['initial_lr'] = group['lr']
+        k = 0
         for _ in range(cfg['epochs']):
             perm = torch.randperm(n, generator=g)
             for i in range(0, n - bs + 1, bs):   # whole batches only (BatchNorm)
                 b = perm[i:i + bs].to(self.device)
+                if cfg['schedule'] == 'cosine':
+                    for group in opt.param_groups:
+                        group['lr'] = group['initial_lr'] * 0.5 * (1.0 + math.cos(math.pi * k / steps))
                 loss = self.loss_fn(net.stats_logits(feats[b]), labels[b])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                k += 1
         net.zero_grad(set_to_none=True)
         if cfg['freeze']:
             self._set_stats_frozen(True)

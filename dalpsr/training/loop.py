@@ -39,6 +39,7 @@ def train(opt: Dict[str, Any]) -> Dict[str, Any]:
                 ts.ema.reset_to_current()
         if t['val_at_start'] and ts.counters.step == 0:
             s.last_val = validate(run, ts, s.writer, 0)
+        s.window.reset()                          # s/step and eta count training steps only, not the above
         batches = s.start_stream()
         while ts.counters.step < s.stop_at:
             res = train_step(run, ts, batches)
