@@ -76,7 +76,7 @@ def main(argv=None):
     p.add_argument('--epochs', type=int, default=300)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
-    p.add_argument('--features', default='v1', choices=['v1', 'v2'], help='statistics set (module doc)')
+    p.add_argument('--features', default='v1', choices=['v1', 'v2', 'v3'], help='statistics set (dalpsr/archs/degradation_stats.py)')
     p.add_argument('--crop', type=int, default=0, help='score held-out LRs as the mean over crops of this size (0: whole)')
     p.add_argument('--json', default=None, help='also write the numbers to this JSON file')
     args = p.parse_args(argv)

@@ -137,7 +137,28 @@ def test_v2_edge_features_measure_blur_width_not_contrast(photo):
     soft = torch.from_numpy(soft[..., ::-1].copy()).permute(2, 0, 1)[None]
     assert (degradation_statistics(soft, 'v2')[0][width] - b1[width]).abs().max() < 0.15
     with pytest.raises(ValueError, match="feature_set must be one of"):
-        degradation_statistics(x, 'v3')
+        degradation_statistics(x, 'v4')
+
+
+def test_v3_reblur_features_grow_with_blur_and_ignore_contrast(photo):
+    from dalpsr.archs.degradation_stats import NUM_EDGE_FEATURES, NUM_REBLUR_FEATURES, num_features
+    n2 = NUM_FEATURES + NUM_EDGE_FEATURES
+    assert num_features('v3') == n2 + NUM_REBLUR_FEATURES
+    f = lambda img: degradation_statistics(_t(img) if isinstance(img, np.ndarray) else img, 'v3')[0]  # noqa: E731
+    x = f(photo)
+    assert x.shape == (num_features('v3'),) and torch.isfinite(x).all()
+    assert torch.equal(x[:n2], degradation_statistics(_t(photo), 'v2')[0])   # v3 extends v2
+    kept = [n2 + i for i in range(22) if i % 11 < 9]       # log(after / before re-blur) at the strongest gradients
+    lap = slice(n2 + 22, n2 + 31)                          # log(|Laplacian| / gradient) there
+    b1, b2 = f(cv2.GaussianBlur(photo, (0, 0), 1.0)), f(cv2.GaussianBlur(photo, (0, 0), 2.0))
+    # a blurrier image keeps more of its gradient when blurred again, and has less curvature per slope
+    assert x[kept].mean() < b1[kept].mean() - 0.1 < b2[kept].mean() - 0.2
+    assert (b2[kept] > x[kept]).float().mean() > 0.9
+    assert x[lap].mean() > b1[lap].mean() + 0.1 > b2[lap].mean() + 0.2
+    # ratios: halving the contrast of a float image barely moves them
+    soft = 0.25 + 0.5 * cv2.GaussianBlur(photo, (0, 0), 1.0).astype(np.float32) / 255.0
+    soft = torch.from_numpy(soft[..., ::-1].copy()).permute(2, 0, 1)[None]
+    assert (f(soft)[kept] - b1[kept]).abs().max() < 0.15
 
 
 def test_conv_encoder_v2_statistics_tokens_round_trip(tmp_path):
@@ -159,3 +180,20 @@ def test_conv_encoder_v2_statistics_tokens_round_trip(tmp_path):
     lq = torch.rand(2, 3, 40, 40)
     with torch.no_grad():
         assert torch.allclose(pred.predict_logits(lq), net(lq), atol=1e-5)
+
+
+def test_statistics_tokens_dropout_acts_in_training_only_and_keeps_the_weight_names():
+    from dalpsr.archs.degradation_stats import DegradationStatsTokens
+    torch.manual_seed(0)
+    plain, drop = DegradationStatsTokens(8, 2), DegradationStatsTokens(8, 2, dropout=0.5)
+    assert list(plain.state_dict()) == list(drop.state_dict())      # exports/checkpoints load either way
+    drop.load_state_dict(plain.state_dict())
+    f = torch.randn(6, NUM_FEATURES)
+    plain.eval(), drop.eval()
+    assert torch.equal(plain.from_features(f), drop.from_features(f))  # no dropout at inference
+    drop.train()
+    drop.norm.momentum = 0.0
+    a, b = drop.from_features(f), drop.from_features(f)
+    assert not torch.equal(a, b)
+    with pytest.raises(ValueError, match='dropout'):
+        DegradationStatsTokens(8, 2, dropout=1.0)

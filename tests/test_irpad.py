@@ -511,9 +511,14 @@ def test_stats_pretrain_fits_only_the_statistics_path_deterministically(tmp_path
     m2 = build()
     m2.before_training(ds)
     assert all(torch.equal(v, m2.net.state_dict()[k]) for k, v in after.items())
+    # the schedule (default cosine) is applied: a constant learning rate ends elsewhere
+    sp['schedule'] = 'constant'
+    m3 = build()
+    m3.before_training(ds)
+    assert any(not torch.equal(v, m3.net.state_dict()[k]) for k, v in after.items() if k.startswith('stats_q.'))
     # options
     for bad, msg in (({'epochs': 2, 'lrr': 1}, 'unknown key'), ({'epochs': -1}, 'epochs >= 0'), (5, 'a mapping'),
-                     ({'freeze': 'yes'}, 'true or false')):
+                     ({'freeze': 'yes'}, 'true or false'), ({'schedule': 'step'}, 'cosine')):
         with pytest.raises(OptionError, match=msg):
             IRPADModel(_model_opt(tmp_path, small_cache, network=dict(STATS_NET), stats_pretrain=bad))
     with pytest.raises(OptionError, match='stats_score: true'):
@@ -565,3 +570,27 @@ def test_stats_pretrain_runs_at_the_first_step_only_and_resumes_exactly(tmp_path
     assert not moved, moved
     assert any(not torch.equal(init[k], fitted[k]) for k in stats_keys)
     assert not torch.equal(a['image_encoder.stem.0.weight'], init['image_encoder.stem.0.weight'])
+
+
+def test_step_timing_in_the_log_leaves_out_the_pre_fit(tmp_path, small_cache, monkeypatch):
+    """The first '[step n]' line's s/step and eta count training steps, not stats_pretrain before them."""
+    import re
+    import time as time_mod
+    from dalpsr.models.irpad_model import IRPADModel
+    from dalpsr.train import train
+    real, offset = time_mod.time, [0.0]
+    monkeypatch.setattr(time_mod, 'time', lambda: real() + offset[0])
+    orig = IRPADModel.before_training
+
+    def slow_pre_fit(self, *a, **k):     # as if the pre-fit took 1000 s
+        offset[0] += 1000.0
+        return orig(self, *a, **k)
+    monkeypatch.setattr(IRPADModel, 'before_training', slow_pre_fit)
+    o = _model_opt(tmp_path, small_cache, network=dict(STATS_NET), train_crop=16,
+                   stats_pretrain={'epochs': 1, 'batch_size': 8})
+    o['train'].update(val_freq=0, handle_signals=False)
+    o['_args'] = {'resume': 'auto', 'force': False}
+    res = train(o)
+    assert offset[0] == 1000.0
+    rates = [float(v) for v in re.findall(r'\| ([0-9.]+) s/step', (res['exp_dir'] / 'train.log').read_text())]
+    assert len(rates) == 2 and max(rates) < 100, rates

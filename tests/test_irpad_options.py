@@ -46,7 +46,8 @@ def test_reference_options_build_the_model_and_train_block():
     opt = load_options(str(REPO / 'options' / 'reference' / 'irpad.yml'))
     resolve_train_opt(opt)
     m = IRPADModel(opt)
-    assert m.stats_pretrain == {'epochs': 10, 'lr': 1e-3, 'batch_size': 256, 'weight_decay': 0.01, 'freeze': False}
+    assert m.stats_pretrain == {'epochs': 10, 'lr': 1e-3, 'batch_size': 256, 'weight_decay': 0.01, 'freeze': False,
+                                'schedule': 'cosine'}
     assert m.spec.prompt([0, 1, 3]) == 'Deblur with sigma 0~0.25, Denoise with sigma 0.25~0.5, Dejpeg with sigma 0.75~1'
     assert m.net(torch.rand(2, 3, 32, 32)).shape == (2, 3, 4)
 
@@ -128,6 +129,8 @@ def test_cpu_recipe_builds(tmp_path):
     assert isinstance(model.param_groups(), list)
     # the recipe's choices of issue 18: v2 statistics, scored directly as well, that path pre-fitted
     # and then kept fixed (not in the optimizer)
-    assert model.net.image_encoder.dstat.feature_set == 'v2' and model.net.stats_tokens == 4
-    assert model.stats_pretrain['epochs'] == 30 and model.stats_pretrain['freeze'] is True
+    assert model.net.image_encoder.dstat.feature_set == 'v3' and model.net.stats_tokens == 4
+    assert model.net.image_encoder.dstat.drop.p == 0.3
+    assert model.stats_pretrain['epochs'] == 60 and model.stats_pretrain['freeze'] is True
+    assert model.stats_pretrain['schedule'] == 'cosine'
     assert not {id(p) for p in model.net.stats_parameters()} & {id(p) for p in model.param_groups()}
