@@ -70,6 +70,7 @@ def recipe_options(name: str, repo: Path, root: Path) -> Dict[str, Any]:
         opt['model'].pop('stats_pretrain', None)
         opt['model']['network'].pop('stats_score', None)
         opt['model']['network']['image_encoder'].pop('dstat_features', None)
+        opt['model']['network']['image_encoder'].pop('dstat_dropout', None)   # added later, same reason
     elif name == 'caption_align_tiny':
         from dalpsr.captioning.tiny import make_tiny_llava
         from dalpsr.data.sample_images import link_sample_images
