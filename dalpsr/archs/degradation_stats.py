@@ -123,11 +123,11 @@ def _band_powers(power: torch.Tensor, coord: torch.Tensor, edges: torch.Tensor, 
     return torch.log(torch.stack(out, 1) + 1e-3)
 
 
-def _edge_statistics(y: torch.Tensor) -> torch.Tensor:
-    """The 'v2' blur features (module doc) of luma y [B,1,h,w] in [0, 255] -> [B, NUM_EDGE_FEATURES]."""
+def _edge_statistics(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The 'v2' blur features (module doc) of luma y [B,1,h,w] in [0, 255], its gradient magnitude
+    ``g`` [B, h*w] (:func:`_gradient_magnitude`, flattened) -> [B, NUM_EDGE_FEATURES]."""
     b, _, h, w = y.shape
     out = []
-    g = _gradient_magnitude(y).flatten(1)
     for win in (5, 9):
         p = win // 2
         yp = F.pad(y, (p, p, p, p), mode='replicate')
@@ -165,9 +165,9 @@ def _gaussian_blur(y: torch.Tensor, std: float) -> torch.Tensor:
     return F.conv2d(F.pad(y, (0, 0, r, r), mode='replicate'), k.view(1, 1, -1, 1))
 
 
-def _reblur_statistics(y: torch.Tensor) -> torch.Tensor:
-    """The 'v3' re-blur features (module doc) of luma y [B,1,h,w] in [0, 255] -> [B, NUM_REBLUR_FEATURES]."""
-    g = _gradient_magnitude(y).flatten(1)
+def _reblur_statistics(y: torch.Tensor, g: torch.Tensor, lap: torch.Tensor) -> torch.Tensor:
+    """The 'v3' re-blur features (module doc) of luma y [B,1,h,w] in [0, 255], its gradient magnitude
+    ``g`` [B, h*w] and |Laplacian| ``lap`` [B,1,h-2,w-2] (as v1 computes them) -> [B, NUM_REBLUR_FEATURES]."""
     tops = [g.topk(max(4, int(g.shape[1] * f)), 1).indices for f in _TOP_FRACTIONS]
     g_top = [g.gather(1, idx) + 0.5 for idx in tops]
     out = []
@@ -177,7 +177,6 @@ def _reblur_statistics(y: torch.Tensor) -> torch.Tensor:
             out.append(torch.log(_quantiles((gb.gather(1, idx) + 0.5) / gt, (.25, .5, .75))))
         qs = (.9, .99)
         out.append(torch.log((_quantiles(gb, qs) + 0.5) / (_quantiles(g, qs) + 0.5)))
-    lap = (4 * y[..., 1:-1, 1:-1] - y[..., :-2, 1:-1] - y[..., 2:, 1:-1] - y[..., 1:-1, :-2] - y[..., 1:-1, 2:]).abs()
     lap = F.pad(lap, (1, 1, 1, 1)).flatten(1)
     for idx, gt in zip(tops, g_top):
         out.append(torch.log(_quantiles((lap.gather(1, idx) + 0.5) / gt, (.25, .5, .75))))
@@ -236,9 +235,10 @@ def degradation_statistics(lq: torch.Tensor, feature_set: str = 'v1') -> torch.T
     out.append(torch.stack([y.mean((1, 2, 3)) / 255.0, (y < 8).float().mean((1, 2, 3)),
                             (y > 247).float().mean((1, 2, 3)), mid.float().mean(1), torch.log(q_mid + 0.05)], 1))
     if feature_set in ('v2', 'v3'):
-        out.append(_edge_statistics(y))
+        g_mag = _gradient_magnitude(y).flatten(1)   # shared by both blur sets
+        out.append(_edge_statistics(y, g_mag))
     if feature_set == 'v3':
-        out.append(_reblur_statistics(y))
+        out.append(_reblur_statistics(y, g_mag, lap.abs()))
     feats = torch.cat(out, 1)
     assert feats.shape[1] == n_out
     return feats
