@@ -75,6 +75,43 @@ def test_dataset_no_degradation_and_patches(hr_folder):
         DeeDSRDataset(**dict(kw, patch_size=32))
 
 
+def test_dataset_same_degradation_positives(hr_folder):
+    """positives=same_degradation: the query patches are crops of the item's LR, the key patches
+    crops of another photo degraded with the same parameters (another noise seed); same_lr keeps
+    the paper's pairs and its random draws."""
+    from dalpsr.data.deedsr_dataset import DeeDSRDataset
+    kw = dict(dataroot_gt=str(hr_folder), gt_size=64, patch_size=8, patch_pairs=2, seed=5,
+              prompt={'types': ['blur', 'noise', 'jpeg'], 'num_intervals': 4})
+    paper = DeeDSRDataset(**kw)
+    ds = DeeDSRDataset(positives='same_degradation', **kw)
+
+    def crops_of(img, patch):
+        return any(torch.equal(img[:, t:t + 8, l:l + 8], patch) for t in range(9) for l in range(9))
+
+    for i in range(3):
+        a, b = paper[i], ds[i]
+        assert torch.equal(a['lq'], b['lq']) and a['params'] == b['params']
+        assert torch.equal(a['patches'][0], b['patches'][0])  # same query draw as the paper's pairs
+        q, k = b['patches'][0::2], b['patches'][1::2]
+        assert all(crops_of(b['lq'], p) for p in q)
+        assert not any(crops_of(b['lq'], p) for p in k)
+        assert torch.equal(ds[i]['patches'], b['patches'])  # deterministic per index
+    # the key LR is the item's degradation replayed on another photo's crop
+    params = json.loads(ds[1]['params'])
+    key_lq = ds._same_degradation_lq(1, params)
+    assert key_lq.shape == ds[1]['lq'].shape and not torch.allclose(key_lq, ds[1]['lq'])
+    assert all(crops_of(key_lq, p) for p in ds[1]['patches'][1::2])
+    def with_noise(sigma):
+        n = {'kind': 'gaussian', 'sigma': sigma, 'gray': False}
+        return dict(params, order1=dict(params['order1'], noise=n), order2=dict(params['order2'], noise=n))
+
+    noisy, clean = ds._same_degradation_lq(1, with_noise(30.0)), ds._same_degradation_lq(1, with_noise(0.0))
+    assert (noisy - clean).abs().mean() > 0.02  # same photo and crop: the replay follows the parameters
+    assert torch.equal(ds._same_degradation_lq(1, with_noise(0.0)), clean)
+    with pytest.raises(ValueError, match='positives'):
+        DeeDSRDataset(positives='same_photo', **kw)
+
+
 def _opt(root, hr, **train):
     t = dict(total_iter=6, batch_size=4, num_workers=0, checkpoint_freq=3, val_freq=0, print_freq=1,
              optimizer={'type': 'SGD', 'lr': 0.05, 'momentum': 0.9, 'weight_decay': 1e-4},

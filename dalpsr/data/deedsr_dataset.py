@@ -16,6 +16,13 @@ HR folder, crop, augmentation, ``degradation`` overrides, prompt labels, seed) w
   ``patch_pairs`` > 1 makes several pairs from one degraded LR (a CPU economy: degrading is the
   slow part; MoCo's negatives come from the queue only, so pairs of one LR in one batch are not
   used as each other's negatives).
+* ``positives`` (stage 1): ``'same_lr'`` (the paper's pairs: query and key from one LR) or
+  ``'same_degradation'``: the key patches come from a second LR, made from a crop of *another*
+  photo with the same recorded degradation parameters (a fresh noise seed). Two patches of one
+  LR share content, colour and texture statistics, which a network can match without looking
+  at the degradation; with two photos the only thing the pair has in common is the
+  degradation. A departure from the paper (docs/deedsr.md); the other photo, its crop and the
+  noise seed come from ``sample_rng(seed, index, 103)``. Costs a second degradation per item.
 
 Items: those of TripletDataset (``gt``, ``lq``, ``labels``, ``prompt``, ``caption``, ``params``,
 ``key``, ``index``), plus ``degraded`` (bool: False for a no-degradation sample) and
@@ -29,7 +36,8 @@ from typing import Any, Dict, Optional
 import cv2
 import numpy as np
 
-from dalpsr.data.triplet_dataset import TripletDataset
+from dalpsr.data.triplet_dataset import SkipImage, TripletDataset, crop_and_augment
+from dalpsr.utils.img_io import ImageReadError
 from dalpsr.utils.misc import sample_rng
 from dalpsr.utils.registry import DATASET_REGISTRY
 
@@ -41,6 +49,9 @@ def bicubic_down(gt_hwc: np.ndarray, scale: int) -> np.ndarray:
     return np.round(np.clip(lq, 0, 1) * 255.0).astype(np.float32) / 255.0
 
 
+POSITIVES = ('same_lr', 'same_degradation')
+
+
 @DATASET_REGISTRY.register()
 class DeeDSRDataset(TripletDataset):
     """TripletDataset + ``no_degradation_prob`` + optional MoCo ``patch_size`` (module doc).
@@ -49,11 +60,12 @@ class DeeDSRDataset(TripletDataset):
         no_degradation_prob: probability of a bicubic-only LR (StableSR setting 0.01).
         patch_size: side of the two LR patches (query, key) of stage 1, or ``None``.
         patch_pairs: (query, key) pairs per LR (default 1).
+        positives: ``'same_lr'`` (default, the paper) or ``'same_degradation'`` (module doc).
     Every other argument is TripletDataset's.
     """
 
     def __init__(self, *args, no_degradation_prob: float = 0.0, patch_size: Optional[int] = None,
-                 patch_pairs: int = 1, **kwargs):
+                 patch_pairs: int = 1, positives: str = 'same_lr', **kwargs):
         super().__init__(*args, **kwargs)
         p = float(no_degradation_prob)
         if not 0.0 <= p <= 1.0:
@@ -61,6 +73,9 @@ class DeeDSRDataset(TripletDataset):
         self.no_degradation_prob = p
         self.patch_size = int(patch_size) if patch_size else None
         self.patch_pairs = int(patch_pairs)
+        if positives not in POSITIVES:
+            raise ValueError(f"positives must be one of {', '.join(POSITIVES)}, got '{positives}'")
+        self.positives = positives
         if self.patch_pairs < 1:
             raise ValueError(f'patch_pairs must be >= 1, got {patch_pairs}')
         if self.patch_size is not None:
@@ -86,25 +101,63 @@ class DeeDSRDataset(TripletDataset):
         item['degraded'] = degraded
         if self.patch_size is not None:
             rng = sample_rng(self.seed, int(index), 102)
-            item['patches'] = torch.cat([two_patches(item['lq'], self.patch_size, rng)
+            key_lq = None
+            if self.positives == 'same_degradation':
+                key_lq = self._same_degradation_lq(int(index), json.loads(item['params']))
+            item['patches'] = torch.cat([two_patches(item['lq'], self.patch_size, rng, other=key_lq)
                                          for _ in range(self.patch_pairs)])
         return item
 
+    def _same_degradation_lq(self, index: int, params: Dict[str, Any]):
+        """``[3, h, w]``: a crop of another photo (not the item's, when there are two or more)
+        degraded with ``params`` (a new noise seed), or bicubic-downscaled for a no-degradation
+        item. Unreadable photos are skipped, as the dataset does."""
+        import torch
+        rng = sample_rng(self.seed, index, 103)
+        n = len(self.paths)
+        own = (index % self.length) % n
+        start = (own + 1 + int(rng.integers(0, n - 1))) % n if n > 1 else own
+        for k in range(n):
+            path = self.paths[(start + k) % n]
+            try:
+                img = self._load(path)
+                gt, _ = crop_and_augment(img, self.gt_size, rng, self.use_hflip, self.use_rot,
+                                         self.small_image, self.scale)
+                break
+            except (ImageReadError, SkipImage) as err:
+                self._warn_once(str(path), str(err))
+        else:
+            raise RuntimeError(f'DeeDSRDataset: no readable photo for the key of item {index}')
+        if params.get('no_degradation'):
+            lq = bicubic_down(gt, self.scale)
+        else:
+            params = {k: v for k, v in params.items() if k not in ('crop', 'source')}
+            params['noise_seed'] = int(rng.integers(0, 2 ** 62))
+            _, lq = self.degradation.apply(gt, params)
+        return torch.from_numpy(np.ascontiguousarray(lq.transpose(2, 0, 1)))
 
-def two_patches(lq, p: int, rng: np.random.Generator):
-    """Two ``p x p`` crops of ``lq`` ``[3, h, w]`` at different random positions (if possible)
-    -> ``[2, 3, p, p]``. Images smaller than ``p`` are reflect-padded first."""
+
+def two_patches(lq, p: int, rng: np.random.Generator, other=None):
+    """Two ``p x p`` crops -> ``[2, 3, p, p]``: both of ``lq`` ``[3, h, w]`` at different random
+    positions (if possible), or the second of ``other`` ``[3, h', w']`` when it is given.
+    Images smaller than ``p`` are replicate-padded first."""
     import torch
     import torch.nn.functional as F
-    _, h, w = lq.shape
-    if h < p or w < p:
-        lq = F.pad(lq[None], (0, max(0, p - w), 0, max(0, p - h)), mode='replicate')[0]
-        _, h, w = lq.shape
+
+    def padded(x):
+        _, h, w = x.shape
+        if h < p or w < p:
+            x = F.pad(x[None], (0, max(0, p - w), 0, max(0, p - h)), mode='replicate')[0]
+        return x
+
+    srcs = [padded(lq), padded(lq if other is None else other)]
     pos = []
-    for k in range(2):
+    for k, src in enumerate(srcs):
+        _, h, w = src.shape
         for _ in range(8):
             t, l_ = int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))
-            if k == 0 or (t, l_) != pos[0] or (h == p and w == p):
+            if k == 0 or other is not None or (t, l_) != pos[0] or (h == p and w == p):
                 break
         pos.append((t, l_))
-    return torch.stack([lq[:, t:t + p, l_:l_ + p] for t, l_ in pos])
+    (t0, l0), (t1, l1) = pos
+    return torch.stack([srcs[0][:, t0:t0 + p, l0:l0 + p], srcs[1][:, t1:t1 + p, l1:l1 + p]])
