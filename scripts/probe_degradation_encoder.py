@@ -9,7 +9,8 @@
 Two synthetic sets are degraded on the fly with the training options' degradation (the
 ``datasets.train`` block of ``--opt``: StableSR settings, crop size, scale), each sample
 labelled with its K = 4 degradation interval per type (blur, noise, JPEG; labels of
-``dalpsr.data.prompt_labels``): a *fit* set from ``--fit-hr`` (seed ``--seed``) and a held-out
+``dalpsr.data.prompt_labels``; the noise interval of the recorded parameters, or with
+``--noise-label measured`` of the noise measured in the LR): a *fit* set from ``--fit-hr`` (seed ``--seed``) and a held-out
 *eval* set from other photos (``--eval-hr``, seed ``--seed + 1``). For the trained learner and for
 a randomly initialised learner of the same architecture (seed ``--random-seed``), d is computed
 on each whole LR (eval mode), and a multinomial logistic regression per type (standardised
@@ -17,7 +18,8 @@ features, L-BFGS; its L2 weight chosen per encoder and type by 5-fold cross-vali
 set from ``--l2``) is fitted on the fit set and scored on the eval set. ``--cache`` keeps the two
 degraded sets in an ``.npz`` (a rerun with other encoders or probe settings skips the degrading). Prints and
 writes (``--out``, JSON) the accuracy per type of both encoders next to the majority-class
-rate; ``--fig`` draws the first two principal components of d on the eval set coloured by each
+rate, and the paired difference trained - random with a 95 % bootstrap interval over the eval
+samples (``trained_minus_random``); ``--fig`` draws the first two principal components of d on the eval set coloured by each
 type's degree (top row trained, bottom row random).
 """
 from __future__ import annotations
@@ -33,14 +35,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TYPES = ('blur', 'noise', 'jpeg')
 
 
-def build_set(train_block: dict, hr: str, num: int, seed: int):
-    """-> (lq list of [3,h,w] tensors, labels int [N, T], degrees float [N, T])."""
+def build_set(train_block: dict, hr: str, num: int, seed: int, noise_label: str = 'params'):
+    """-> (lq list of [3,h,w] tensors, labels int [N, T], degrees float [N, T]).
+
+    ``noise_label``: ``params`` (the noise interval of the recorded noise parameters) or
+    ``measured`` (of the noise left in the LR, ``prompt.noise_severity: measured``, docs/irpad.md)."""
     import torch
 
     from dalpsr.data.deedsr_dataset import DeeDSRDataset
     keep = ('gt_size', 'scale', 'degradation', 'use_hflip', 'use_rot', 'no_degradation_prob', 'small_image')
     kw = {k: v for k, v in train_block.items() if k in keep}
-    kw['prompt'] = {'types': list(TYPES), 'num_intervals': 4}
+    kw['prompt'] = {'types': list(TYPES), 'num_intervals': 4, 'noise_severity': noise_label}
     ds = DeeDSRDataset(dataroot_gt=hr, seed=seed, **kw)
     lqs, labels, degrees = [], [], []
     for i in range(num):
@@ -104,13 +109,30 @@ def choose_l2(x, y, grid, folds: int = 5, seed: int = 0) -> float:
 
 
 def probe(feat_fit, y_fit, feat_eval, y_eval, grid):
-    res, chosen = {}, {}
+    """-> (accuracy per type, chosen L2 per type, correct [N, T] bool of the eval samples)."""
+    import torch
+    res, chosen, correct = {}, {}, []
     for j, t in enumerate(TYPES):
         l2 = choose_l2(feat_fit, y_fit[:, j], grid) if len(grid) > 1 else grid[0]
         pred = fit_logistic(feat_fit, y_fit[:, j], 4, l2)(feat_eval)
-        res[t] = float((pred == y_eval[:, j]).float().mean())
+        correct.append(pred == y_eval[:, j])
+        res[t] = float(correct[-1].float().mean())
         chosen[t] = l2
-    return res, chosen
+    return res, chosen, torch.stack(correct, 1)
+
+
+def paired_bootstrap(correct_a, correct_b, num: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Accuracy difference a - b per type on the same eval samples, with a percentile interval of
+    ``num`` bootstrap resamples of those samples (``correct_*``: bool [N, T]); an interval above 0
+    says a is better than b beyond the sampling of the eval set."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    diff = correct_a.float() - correct_b.float()                      # [N, T]
+    idx = torch.randint(0, len(diff), (num, len(diff)), generator=g)
+    boot = diff[idx].mean(1)                                          # [num, T]
+    lo, hi = torch.quantile(boot, torch.tensor([(1 - level) / 2, (1 + level) / 2]), dim=0)
+    return {t: {'diff': round(float(diff[:, j].mean()), 4), 'lo': round(float(lo[j]), 4),
+                'hi': round(float(hi[j]), 4)} for j, t in enumerate(TYPES)}
 
 
 def pca_figure(path, feats: dict, degrees, title: str):
@@ -156,6 +178,10 @@ def main(argv=None) -> int:
     p.add_argument('--stats-baseline', action='store_true',
                    help='also probe the weight-free LR statistics of dalpsr.archs.degradation_stats (what a '
                         'linear probe can read from these LRs without any learning)')
+    p.add_argument('--noise-label', choices=('params', 'measured'), default='params',
+                   help='noise interval of the recorded parameters (default) or of the noise measured in the LR '
+                        '(what is left after the later filters; a perfect meter agrees with the params label '
+                        'only ~60 %% of the time, docs/irpad.md)')
     p.add_argument('--cache', default=None, help='.npz keeping the degraded fit/eval sets (built when missing)')
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--out', default=None, help='JSON file for the results')
@@ -180,6 +206,8 @@ def main(argv=None) -> int:
     grid = [float(v) for v in str(args.l2).split(',')]
     key = dict(fit_hr=args.fit_hr, eval_hr=args.eval_hr, num_fit=args.num_fit, num_eval=args.num_eval,
                seed=args.seed, block=block)
+    if args.noise_label != 'params':  # caches made before the option keep their key
+        key['noise_label'] = args.noise_label
     fit = ev = None
     if args.cache and os.path.isfile(args.cache):
         import numpy as np
@@ -190,8 +218,8 @@ def main(argv=None) -> int:
         else:
             print(f'{args.cache} was made with other settings; rebuilding it')
     if fit is None:
-        fit = build_set(block, args.fit_hr, args.num_fit, args.seed)
-        ev = build_set(block, args.eval_hr, args.num_eval, args.seed + 1)
+        fit = build_set(block, args.fit_hr, args.num_fit, args.seed, args.noise_label)
+        ev = build_set(block, args.eval_hr, args.num_eval, args.seed + 1, args.noise_label)
         if args.cache:
             import numpy as np
             os.makedirs(os.path.dirname(os.path.abspath(args.cache)), exist_ok=True)
@@ -203,7 +231,7 @@ def main(argv=None) -> int:
     majority = {t: float((ev[1][:, j] == torch.bincount(fit[1][:, j], minlength=4).argmax()).float().mean())
                 for j, t in enumerate(TYPES)}
     res = {'learner': str(args.learner), 'arch': cfg, 'num_fit': args.num_fit, 'num_eval': args.num_eval,
-           'fit_hr': args.fit_hr, 'eval_hr': args.eval_hr, 'seed': args.seed, 'l2_grid': grid, 'l2_chosen': {},
+           'fit_hr': args.fit_hr, 'eval_hr': args.eval_hr, 'seed': args.seed, 'noise_label': args.noise_label, 'l2_grid': grid, 'l2_chosen': {},
            'eval_label_counts': {t: torch.bincount(ev[1][:, j], minlength=4).tolist() for j, t in enumerate(TYPES)},
            'majority': majority}
     feats = {}
@@ -211,18 +239,23 @@ def main(argv=None) -> int:
     if args.stats_baseline:
         from dalpsr.archs.degradation_stats import degradation_statistics
         nets.append(('stats', degradation_statistics))
+    correct = {}
     for name, net in nets:
         ff, fe = features(net, fit[0]), features(net, ev[0])
         if name != 'stats':
             feats[name] = fe
-        res[name], res['l2_chosen'][name] = probe(ff, fit[1], fe, ev[1], grid)
+        res[name], res['l2_chosen'][name], correct[name] = probe(ff, fit[1], fe, ev[1], grid)
+    res['trained_minus_random'] = paired_bootstrap(correct['trained'], correct['random'])
     res['seconds'] = {'data': round(t_data, 1), 'total': round(time.time() - t0, 1)}
     print(f"linear probe on d ({cfg['widths'][-1]}-d), fitted on {args.num_fit} LRs of {args.fit_hr}, "
           f"scored on {args.num_eval} LRs of {args.eval_hr} (K = 4 intervals)")
-    print(f"{'type':8s} {'trained':>8s} {'random':>8s} {'majority':>9s}" + (f" {'stats':>8s}" if 'stats' in res else ''))
+    print(f"{'type':8s} {'trained':>8s} {'random':>8s} {'trained-random (95 % CI)':>26s} {'majority':>9s}"
+          + (f" {'stats':>8s}" if 'stats' in res else ''))
     for t in TYPES:
         extra = f" {res['stats'][t]:8.3f}" if 'stats' in res else ''
-        print(f"{t:8s} {res['trained'][t]:8.3f} {res['random'][t]:8.3f} {majority[t]:9.3f}{extra}")
+        d = res['trained_minus_random'][t]
+        ci = f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+        print(f"{t:8s} {res['trained'][t]:8.3f} {res['random'][t]:8.3f} {ci:>26s} {majority[t]:9.3f}{extra}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         tmp = f'{args.out}.tmp'
