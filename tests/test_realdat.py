@@ -176,3 +176,92 @@ def test_tile_starts_and_psnr():
     assert psnr_y(x, x).item() > 100
     noisy = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
     assert 15 < psnr_y(noisy, x, crop_border=2).item() < 30
+
+
+def _collapsed_embeddings(n, d, tokens, spread, seed):
+    """Unit-norm embeddings that all point nearly one way: a common direction + ``spread`` noise."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    xi = torch.nn.functional.normalize(common + spread * torch.randn(n, 1, d, generator=g), dim=-1)
+    xd = torch.nn.functional.normalize(common + spread * torch.randn(n, tokens, d, generator=g), dim=-1)
+    return xi, xd
+
+
+def test_cond_standardize_lets_nearly_equal_embeddings_through():
+    """With embeddings that differ between images by ~1e-5 (a collapsed unit-norm encoder), the
+    paper's adapter sees the same input for every image; cond_standardize (BatchNorm, no affine)
+    gives the fusion blocks inputs that differ, keeps its statistics in the state dict, and is
+    absent from older configs."""
+    from dalpsr.archs.realdat_arch import RealDAT
+    cfg = {k: v for k, v in NET.items() if k != 'type'}
+    torch.manual_seed(0)
+    plain = RealDAT(**cfg).eval()
+    torch.manual_seed(0)
+    std = RealDAT(cond_standardize=True, **cfg)
+    assert 'cond_standardize' not in plain.config and std.config['cond_standardize'] is True
+    assert not any(k.startswith('cond_norm') for k in plain.state_dict())
+    xi, xd = _collapsed_embeddings(16, 16, 5, 1e-5, 0)
+    std.train()
+    for _ in range(3):                       # cumulative statistics: exact after any number of batches
+        std(torch.rand(16, 3, 8, 8), xi, xd)
+    std.eval()
+    assert torch.allclose(std.state_dict()['cond_norm_i.running_mean'], xi.mean(0)[0], atol=1e-6)
+    lq = torch.rand(1, 3, 8, 8).expand(2, 3, 8, 8).contiguous()
+
+    def fusion_inputs(net):
+        """(xi, xd) as the first fusion block receives them, for two images."""
+        seen = {}
+        h = net.fusion_blocks[0].register_forward_pre_hook(lambda m, args: seen.update(args=args))
+        with torch.no_grad():
+            net(lq, xi[:2], xd[:2])
+        h.remove()
+        return seen['args'][1:]
+
+    def rel_diff(a):  # difference between the two images relative to the size of the input
+        return float((a[0] - a[1]).abs().max() / a.abs().max())
+    assert max(rel_diff(t) for t in fusion_inputs(plain)) < 1e-3
+    assert min(rel_diff(t) for t in fusion_inputs(std)) > 0.05
+    # the statistics travel with the weights (export / resume)
+    again = RealDAT(cond_standardize=True, **cfg).eval()
+    again.load_state_dict(std.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again(lq, xi[:2], xd[:2]), std(lq, xi[:2], xd[:2]))
+    with pytest.raises(ValueError, match='cond_standardize expects'):
+        std(lq, xi[:2], xd[:2, :3])
+
+
+def test_conditioning_ablation_script(tmp_path, srclip_dir):
+    """scripts/realdat_conditioning_ablation.py: own / other / mean embeddings on a folder pair."""
+    import json
+    from tests.script_loader import load_script
+    from dalpsr.utils.img_io import write_image
+    res = _run(_opt(tmp_path, srclip_dir, total_iter=4, val_freq=0))
+    lr_dir, gt_dir = tmp_path / 'LR', tmp_path / 'GT'
+    lr_dir.mkdir()
+    gt_dir.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(3):
+        gt = g.random((24, 20, 3)).astype(np.float32)
+        write_image(gt_dir / f'im{i}.png', gt)
+        write_image(lr_dir / f'im{i}.png', gt[::2, ::2])
+    write_image(lr_dir / 'no_gt.png', g.random((12, 10, 3)).astype(np.float32))
+    abl = load_script('realdat_conditioning_ablation')
+    out = tmp_path / 'abl.json'
+    assert abl.main(['--weights', str(res['export']), '--lr', str(lr_dir), '--gt', str(gt_dir), '--tile', '0',
+                     '--out', str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r['num_images'] == 3 and set(r['per_image']) == {'im0', 'im1', 'im2'}
+    for row in ('other', 'mean'):
+        assert abs(r['own_minus'][row] - (r['mean']['own'] - r['mean'][row])) < 1e-3
+    sp = r['embedding_spread']
+    assert -1 <= sp['xi_min_cosine'] <= 1 and sp['xi_dim_std'] > 0 and sp['xd_dim_std'] > 0
+    # 'own' is what the restorer gives
+    r0 = build_restorer({'type': 'RealDATRestorer', 'weights': str(res['export']), 'tile': 0})
+    from dalpsr.utils.img_io import read_image
+    lq = torch.from_numpy(read_image(lr_dir / 'im0.png')).permute(2, 0, 1)[None]
+    hr = torch.from_numpy(read_image(gt_dir / 'im0.png')).permute(2, 0, 1)[None]
+    assert abs(float(psnr_y(r0.restore(lq, seeds=[0]), hr)[0]) - r['per_image']['im0']['own']) < 1e-3
+    # an unconditioned export and a missing folder are refused with a message
+    dat = _run(_opt(tmp_path / 'dat', None, conditioning='none', total_iter=2, val_freq=0))
+    assert abl.main(['--weights', str(dat['export']), '--lr', str(lr_dir), '--gt', str(gt_dir)]) == 2
+    assert abl.main(['--weights', str(res['export']), '--lr', str(tmp_path / 'none'), '--gt', str(gt_dir)]) == 2

@@ -105,12 +105,20 @@ class RealDAT(DAT):
 
     Args (besides DAT's): ``cond_dim`` D of the SRCLIP embeddings (512 for ViT-B/32);
     ``fusion_layers``: ``'all'``, ``'none'`` or a list of group indices; ``fusion_num_heads``,
-    ``fusion_mlp_ratio``, ``fusion_attn_ratio``, ``fusion_residual`` (module doc).
+    ``fusion_mlp_ratio``, ``fusion_attn_ratio``, ``fusion_residual`` (module doc);
+    ``cond_standardize`` (default False, the paper): standardise every dimension of xi and of
+    each of the ``cond_tokens`` xd embeddings over the data before the adapter (BatchNorm without
+    affine: batch statistics in training; in eval the cumulative mean / variance over every
+    training batch, saved with the weights), so
+    that embeddings that differ between images only in a small part of a large common direction
+    (a unit-norm encoder whose images all point nearly the same way) still reach the fusion blocks
+    as different inputs; ``cond_tokens``: Nd of xd (SRCLIP: 5 fine embeddings).
     """
 
     def __init__(self, cond_dim: int = 512, fusion_layers: Union[str, Sequence[int]] = 'all',
                  fusion_num_heads: int = 6, fusion_mlp_ratio: float = 1.0, fusion_attn_ratio: float = 1.0,
-                 fusion_residual: str = 'normed', **dat_kwargs):
+                 fusion_residual: str = 'normed', cond_standardize: bool = False, cond_tokens: int = 5,
+                 **dat_kwargs):
         super().__init__(**dat_kwargs)
         n = len(self.layers)
         if fusion_layers == 'all':
@@ -129,6 +137,12 @@ class RealDAT(DAT):
         self.fusion_blocks = nn.ModuleList([FusionBlock(C, fusion_num_heads, fusion_mlp_ratio, fusion_attn_ratio,
                                                         True, fusion_residual) for _ in layers])
         self.adapt = nn.Sequential(nn.Linear(cond_dim, C), nn.ReLU(), nn.Linear(C, C), nn.ReLU())
+        if cond_standardize:  # only then in config and state dict: older exports load unchanged
+            self.config.update(cond_standardize=True, cond_tokens=int(cond_tokens))
+            # eps far below the variances it must resolve (a collapsed encoder: per-dim std ~1e-5);
+            # momentum None: the exact mean over all batches (an EMA's start-up bias would exceed that std)
+            self.cond_norm_i = nn.BatchNorm1d(cond_dim, eps=1e-12, momentum=None, affine=False)
+            self.cond_norm_d = nn.BatchNorm1d(int(cond_tokens) * cond_dim, eps=1e-12, momentum=None, affine=False)
         self.fusion_blocks.apply(self._init_weights)
         self.adapt.apply(self._init_weights)
 
@@ -147,5 +161,13 @@ class RealDAT(DAT):
                 xi = xi.unsqueeze(1)
             if xd.dim() == 2:
                 xd = xd.unsqueeze(1)
-            cond = (self.adapt(xi.to(lq.dtype)), self.adapt(xd.to(lq.dtype)))
+            xi, xd = xi.to(lq.dtype), xd.to(lq.dtype)
+            if self.config.get('cond_standardize'):
+                (B, Ni, D), Nd = xi.shape, xd.shape[1]
+                if Ni != 1 or Nd != self.config['cond_tokens']:
+                    raise ValueError(f"cond_standardize expects xi [B, 1, D] and xd [B, {self.config['cond_tokens']}, D], "
+                                     f'got {tuple(xi.shape)} and {tuple(xd.shape)}')
+                xi = self.cond_norm_i(xi.reshape(B, D)).view(B, 1, D)
+                xd = self.cond_norm_d(xd.reshape(B, Nd * D)).view(B, Nd, D)
+            cond = (self.adapt(xi), self.adapt(xd))
         return super().forward(lq, cond)

@@ -32,7 +32,7 @@ CONFIG_NAME = 'realdat.json'
 WEIGHTS_NAME = 'realdat.safetensors'
 FORMAT = 'dalpsr-realdat-1'
 _FUSION_KEYS = ('cond_dim', 'fusion_layers', 'fusion_num_heads', 'fusion_mlp_ratio', 'fusion_attn_ratio',
-                'fusion_residual')
+                'fusion_residual', 'cond_standardize', 'cond_tokens')
 
 
 def psnr_y(sr: torch.Tensor, gt: torch.Tensor, crop_border: int = 0) -> torch.Tensor:
