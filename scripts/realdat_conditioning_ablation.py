@@ -31,10 +31,13 @@ ROWS = ('own', 'other', 'mean')
 
 
 def pairs(lr_dir: str, gt_dir: str):
-    """[(stem, lr path, gt path)] of the LR images that have a GT of the same stem (sorted)."""
-    from dalpsr.utils.misc import scan_images
-    gts = {p.stem: p for p in scan_images(gt_dir)}
-    out = [(p.stem, p, gts[p.stem]) for p in scan_images(lr_dir) if p.stem in gts]
+    """[(key, lr path, gt path)] of the LR images with a GT, sorted, paired by the rules of
+    scripts/iqa.py (``dalpsr.metrics.pairing``: file stems, ``_x4`` / ``_hr``-style suffixes ignored)."""
+    from pathlib import Path
+    from dalpsr.metrics.pairing import pair_folders
+    if not os.path.isdir(lr_dir) or not os.path.isdir(gt_dir):
+        raise FileNotFoundError(f'not a folder: {lr_dir if not os.path.isdir(lr_dir) else gt_dir}')
+    out = [(p.key, Path(p.sr_path), Path(p.gt_path)) for p in pair_folders(lr_dir, gt_dir) if p.status == 'ok']
     if not out:
         raise ValueError(f'no LR image of {lr_dir} has a GT of the same name in {gt_dir}')
     return sorted(out)
