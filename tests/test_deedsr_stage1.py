@@ -112,6 +112,44 @@ def test_dataset_same_degradation_positives(hr_folder):
         DeeDSRDataset(positives='same_photo', **kw)
 
 
+
+def test_dataset_disjoint_positives(hr_folder):
+    """positives=same_lr_disjoint: query and key are crops of the item's LR that share no pixel,
+    at positions that vary; the LR is the paper's; too small an LR is refused."""
+    from dalpsr.data.deedsr_dataset import DeeDSRDataset, two_patches
+    kw = dict(dataroot_gt=str(hr_folder), gt_size=64, patch_size=8, patch_pairs=3, seed=5,
+              prompt={'types': ['blur', 'noise', 'jpeg'], 'num_intervals': 4})
+    paper, ds = DeeDSRDataset(**kw), DeeDSRDataset(positives='same_lr_disjoint', **kw)
+
+    def where(img, patch):
+        return [(t, l) for t in range(img.shape[1] - 7) for l in range(img.shape[2] - 7)
+                if torch.equal(img[:, t:t + 8, l:l + 8], patch)]
+
+    overlaps, seen = [], set()
+    for i in range(4):
+        b = ds[i]
+        assert torch.equal(b['lq'], paper[i]['lq'])
+        assert torch.equal(ds[i]['patches'], b['patches'])  # deterministic per index
+        for q, k in zip(b['patches'][0::2], b['patches'][1::2]):
+            (tq, lq_), (tk, lk) = where(b['lq'], q)[0], where(b['lq'], k)[0]
+            assert abs(tq - tk) >= 8 or abs(lq_ - lk) >= 8  # no shared pixel
+            seen.add((tq, lq_))
+        for q, k in zip(paper[i]['patches'][0::2], paper[i]['patches'][1::2]):
+            (tq, lq_), (tk, lk) = where(paper[i]['lq'], q)[0], where(paper[i]['lq'], k)[0]
+            overlaps.append(max(0, 8 - abs(tq - tk)) * max(0, 8 - abs(lq_ - lk)))
+    assert len(seen) > 6 and max(overlaps) > 0  # the paper's pairs do overlap; these vary in place
+    rng = np.random.default_rng(0)
+    wide = torch.rand(3, 8, 20)                             # room only along the width
+    for _ in range(20):
+        a, b = two_patches(wide, 8, rng, disjoint=True)
+        la, lb = where(wide, a)[0][1], where(wide, b)[0][1]
+        assert abs(la - lb) >= 8
+    with pytest.raises(ValueError, match='at least 16'):
+        two_patches(torch.rand(3, 12, 12), 8, rng, disjoint=True)
+    with pytest.raises(ValueError, match='side by side'):
+        DeeDSRDataset(positives='same_lr_disjoint', **dict(kw, patch_size=10))
+
+
 def _opt(root, hr, **train):
     t = dict(total_iter=6, batch_size=4, num_workers=0, checkpoint_freq=3, val_freq=0, print_freq=1,
              optimizer={'type': 'SGD', 'lr': 0.05, 'momentum': 0.9, 'weight_decay': 1e-4},

@@ -23,6 +23,11 @@ HR folder, crop, augmentation, ``degradation`` overrides, prompt labels, seed) w
   at the degradation; with two photos the only thing the pair has in common is the
   degradation. A departure from the paper (docs/deedsr.md); the other photo, its crop and the
   noise seed come from ``sample_rng(seed, index, 103)``. Costs a second degradation per item.
+  ``'same_lr_disjoint'``: as ``same_lr`` but the two crops of a pair share no pixel (the LR is
+  split along a random axis at a random point, query on one side and key on the other; random
+  crops of a 2p x 2p LR overlap by ~44 % of their area on average, pixels a network can match
+  without reading the degradation). Needs an LR of at least 2p along one side; a departure
+  from the paper (docs/deedsr.md).
 
 Items: those of TripletDataset (``gt``, ``lq``, ``labels``, ``prompt``, ``caption``, ``params``,
 ``key``, ``index``), plus ``degraded`` (bool: False for a no-degradation sample) and
@@ -49,7 +54,7 @@ def bicubic_down(gt_hwc: np.ndarray, scale: int) -> np.ndarray:
     return np.round(np.clip(lq, 0, 1) * 255.0).astype(np.float32) / 255.0
 
 
-POSITIVES = ('same_lr', 'same_degradation')
+POSITIVES = ('same_lr', 'same_degradation', 'same_lr_disjoint')
 
 
 @DATASET_REGISTRY.register()
@@ -60,7 +65,8 @@ class DeeDSRDataset(TripletDataset):
         no_degradation_prob: probability of a bicubic-only LR (StableSR setting 0.01).
         patch_size: side of the two LR patches (query, key) of stage 1, or ``None``.
         patch_pairs: (query, key) pairs per LR (default 1).
-        positives: ``'same_lr'`` (default, the paper) or ``'same_degradation'`` (module doc).
+        positives: ``'same_lr'`` (default, the paper), ``'same_degradation'`` or ``'same_lr_disjoint'``
+            (module doc).
     Every other argument is TripletDataset's.
     """
 
@@ -84,6 +90,10 @@ class DeeDSRDataset(TripletDataset):
             if self.gt_size is not None and self.patch_size > self.gt_size // self.scale:
                 raise ValueError(f'patch_size {self.patch_size} is larger than the LR crop '
                                  f'{self.gt_size // self.scale} (gt_size {self.gt_size} / scale {self.scale})')
+            if (positives == 'same_lr_disjoint' and self.gt_size is not None
+                    and 2 * self.patch_size > self.gt_size // self.scale):
+                raise ValueError(f'positives same_lr_disjoint: two patches of {self.patch_size} px do not fit side by '
+                                 f'side in the LR crop of {self.gt_size // self.scale} px')
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         import torch
@@ -104,7 +114,8 @@ class DeeDSRDataset(TripletDataset):
             key_lq = None
             if self.positives == 'same_degradation':
                 key_lq = self._same_degradation_lq(int(index), json.loads(item['params']))
-            item['patches'] = torch.cat([two_patches(item['lq'], self.patch_size, rng, other=key_lq)
+            disjoint = self.positives == 'same_lr_disjoint'
+            item['patches'] = torch.cat([two_patches(item['lq'], self.patch_size, rng, other=key_lq, disjoint=disjoint)
                                          for _ in range(self.patch_pairs)])
         return item
 
@@ -137,10 +148,11 @@ class DeeDSRDataset(TripletDataset):
         return torch.from_numpy(np.ascontiguousarray(lq.transpose(2, 0, 1)))
 
 
-def two_patches(lq, p: int, rng: np.random.Generator, other=None):
+def two_patches(lq, p: int, rng: np.random.Generator, other=None, disjoint: bool = False):
     """Two ``p x p`` crops -> ``[2, 3, p, p]``: both of ``lq`` ``[3, h, w]`` at different random
     positions (if possible), or the second of ``other`` ``[3, h', w']`` when it is given.
-    Images smaller than ``p`` are replicate-padded first."""
+    Images smaller than ``p`` are replicate-padded first. ``disjoint``: the two crops of ``lq``
+    share no pixel (module doc, ``same_lr_disjoint``)."""
     import torch
     import torch.nn.functional as F
 
@@ -150,6 +162,8 @@ def two_patches(lq, p: int, rng: np.random.Generator, other=None):
             x = F.pad(x[None], (0, max(0, p - w), 0, max(0, p - h)), mode='replicate')[0]
         return x
 
+    if disjoint and other is None:
+        return _disjoint_patches(padded(lq), p, rng)
     srcs = [padded(lq), padded(lq if other is None else other)]
     pos = []
     for k, src in enumerate(srcs):
@@ -161,3 +175,23 @@ def two_patches(lq, p: int, rng: np.random.Generator, other=None):
         pos.append((t, l_))
     (t0, l0), (t1, l1) = pos
     return torch.stack([srcs[0][:, t0:t0 + p, l0:l0 + p], srcs[1][:, t1:t1 + p, l1:l1 + p]])
+
+
+def _disjoint_patches(x, p: int, rng: np.random.Generator):
+    """Two ``p x p`` crops of ``x`` [3, h, w] without a shared pixel: a random axis with room for
+    two (h or w >= 2p), a split point on it, one crop on each side (which side is the query is
+    random), a random position along the other axis for each."""
+    import torch
+    _, h, w = x.shape
+    axes = [a for a, n in ((0, h), (1, w)) if n >= 2 * p]
+    if not axes:
+        raise ValueError(f'same_lr_disjoint needs an LR of at least {2 * p} px along one side, got {h}x{w}')
+    a = axes[int(rng.integers(0, len(axes)))]
+    n, m = (h, w) if a == 0 else (w, h)
+    cut = int(rng.integers(p, n - p + 1))                 # first crop in [0, cut), second in [cut, n)
+    along = [int(rng.integers(0, cut - p + 1)), int(rng.integers(cut, n - p + 1))]
+    if rng.integers(0, 2):
+        along.reverse()
+    across = [int(rng.integers(0, m - p + 1)) for _ in range(2)]
+    pos = [(u, v) if a == 0 else (v, u) for u, v in zip(along, across)]
+    return torch.stack([x[:, t:t + p, l:l + p] for t, l in pos])
