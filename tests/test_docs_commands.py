@@ -226,6 +226,9 @@ PARSE_ONLY: List[Tuple[str, str]] = [
      'needs the export of the DeeDSR stage-1 CPU recipe and photos '
      '(tests/test_probe_degradation_encoder.py runs it on a tiny learner)'),
     (r'^python dalpsr/train\.py -opt options/train/train_(srclip|realdat|dat)_cpu\.yml', LONG + ' (DePLSR recipes)'),
+    (r'^python scripts/realdat_conditioning_ablation\.py ',
+     'needs the DePLSR test set made by generate_lq.py from the val photos '
+     '(tests/test_realdat.py runs it on a tiny export)'),
     (r'^python dalpsr/test\.py -opt options/test/test_dalpsr_sd21\.yml', SD),
     (r'^python scripts/iqa\.py .*--device cuda', GPU + ' and the IQA metric weights'),
     (r'^python scripts/iqa\.py --sr results/dalpsr_sd21/RealSR --gt datasets/RealSR/HR --metrics dalpsr$',
