@@ -218,8 +218,13 @@ def main(argv=None) -> int:
         else:
             print(f'{args.cache} was made with other settings; rebuilding it')
     if fit is None:
-        fit = build_set(block, args.fit_hr, args.num_fit, args.seed, args.noise_label)
-        ev = build_set(block, args.eval_hr, args.num_eval, args.seed + 1, args.noise_label)
+        from dalpsr.utils.img_io import ImageReadError
+        try:
+            fit = build_set(block, args.fit_hr, args.num_fit, args.seed, args.noise_label)
+            ev = build_set(block, args.eval_hr, args.num_eval, args.seed + 1, args.noise_label)
+        except (FileNotFoundError, ValueError, ImageReadError) as err:
+            print(f'error: {err}', file=sys.stderr)
+            return 2
         if args.cache:
             import numpy as np
             os.makedirs(os.path.dirname(os.path.abspath(args.cache)), exist_ok=True)

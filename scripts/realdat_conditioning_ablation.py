@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from dalpsr.restorers.realdat import RealDATRestorer
-    from dalpsr.utils.img_io import read_image
+    from dalpsr.utils.img_io import ImageReadError, read_image
     try:
         restorer = RealDATRestorer(args.weights, tile=args.tile, tile_overlap=args.tile_overlap)
         found = pairs(args.lr, args.gt)[:args.limit or None]
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         if len(items) < 2:
             raise ValueError('need at least 2 image pairs (the "other" row borrows another image\'s embeddings)')
         res = ablate(restorer, items, args.crop_border)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, OSError, ImageReadError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     res.update(weights=os.path.abspath(args.weights), lr=args.lr, gt=args.gt, crop_border=args.crop_border,

@@ -35,6 +35,10 @@ def test_probe_script_scores_both_encoders_and_reuses_its_cache(tmp_path):
     r2 = json.loads((tmp_path / 'r.json').read_text())
     assert r2['trained'] == r['trained'] and r2['random'] == r['random']
     assert probe.main(['--learner', str(tmp_path / 'none')] + args[2:]) == 2
+    bad = list(args)
+    bad[bad.index('--fit-hr') + 1] = str(tmp_path / 'no_photos')
+    bad[bad.index('--cache') + 1] = str(tmp_path / 'other.npz')
+    assert probe.main(bad) == 2 and not (tmp_path / 'other.npz').exists()
 
 
 def test_paired_bootstrap_interval():

@@ -265,3 +265,5 @@ def test_conditioning_ablation_script(tmp_path, srclip_dir):
     dat = _run(_opt(tmp_path / 'dat', None, conditioning='none', total_iter=2, val_freq=0))
     assert abl.main(['--weights', str(dat['export']), '--lr', str(lr_dir), '--gt', str(gt_dir)]) == 2
     assert abl.main(['--weights', str(res['export']), '--lr', str(tmp_path / 'none'), '--gt', str(gt_dir)]) == 2
+    (lr_dir / 'im1.png').write_bytes(b'not a png')                 # a broken image: one-line error
+    assert abl.main(['--weights', str(res['export']), '--lr', str(lr_dir), '--gt', str(gt_dir)]) == 2

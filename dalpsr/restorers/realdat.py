@@ -84,7 +84,7 @@ class RealDATRestorer(Restorer):
         xi, xd = self.encode(lq)
         t1 = time.time()
         sr = self.super_resolve(lq, xi, xd)
-        self.last_stats['encode_s'] = t1 - t0
+        self.last_stats = {'encode_s': t1 - t0, **self.last_stats}
         return sr
 
     @torch.no_grad()
@@ -107,5 +107,5 @@ class RealDATRestorer(Restorer):
                 out[:, :, y * s:(y + th) * s, x0 * s:(x0 + tw) * s] += piece
                 cnt[:, :, y * s:(y + th) * s, x0 * s:(x0 + tw) * s] += 1
         sr = (out / cnt).clamp(0, 1).cpu()
-        self.last_stats = {'encode_s': 0.0, 'sr_s': time.time() - t1, 'pieces': len(ys) * len(xs)}
+        self.last_stats = {'sr_s': time.time() - t1, 'pieces': len(ys) * len(xs)}
         return sr
