@@ -125,14 +125,9 @@ def paired_bootstrap(correct_a, correct_b, num: int = 2000, seed: int = 0, level
     """Accuracy difference a - b per type on the same eval samples, with a percentile interval of
     ``num`` bootstrap resamples of those samples (``correct_*``: bool [N, T]); an interval above 0
     says a is better than b beyond the sampling of the eval set."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    diff = correct_a.float() - correct_b.float()                      # [N, T]
-    idx = torch.randint(0, len(diff), (num, len(diff)), generator=g)
-    boot = diff[idx].mean(1)                                          # [num, T]
-    lo, hi = torch.quantile(boot, torch.tensor([(1 - level) / 2, (1 + level) / 2]), dim=0)
-    return {t: {'diff': round(float(diff[:, j].mean()), 4), 'lo': round(float(lo[j]), 4),
-                'hi': round(float(hi[j]), 4)} for j, t in enumerate(TYPES)}
+    from dalpsr.metrics.bootstrap import paired_bootstrap_diff
+    r = paired_bootstrap_diff(correct_a.float(), correct_b.float(), num, seed, level)
+    return {t: {k: round(float(r[k][j]), 4) for k in ('diff', 'lo', 'hi')} for j, t in enumerate(TYPES)}
 
 
 def pca_figure(path, feats: dict, degrees, title: str):

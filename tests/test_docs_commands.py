@@ -225,7 +225,10 @@ PARSE_ONLY: List[Tuple[str, str]] = [
     (r'^python scripts/probe_degradation_encoder\.py ',
      'needs the export of the DeeDSR stage-1 CPU recipe and photos '
      '(tests/test_probe_degradation_encoder.py runs it on a tiny learner)'),
-    (r'^python dalpsr/train\.py -opt options/train/train_(srclip|realdat|dat)_cpu\.yml', LONG + ' (DePLSR recipes)'),
+    (r'^python dalpsr/train\.py -opt options/train/train_(srclip|realdat|dat|realdat_oracle)_cpu\.yml',
+     LONG + ' (DePLSR recipes)'),
+    (r'^python scripts/eval_realdat_pairs\.py ', 'needs the exports of the DePLSR CPU recipes and photos '
+                                                 '(tests/test_realdat_oracle.py runs it on tiny exports)'),
     (r'^python scripts/realdat_conditioning_ablation\.py ',
      'needs the DePLSR test set made by generate_lq.py from the val photos '
      '(tests/test_realdat.py runs it on a tiny export)'),

@@ -14,7 +14,14 @@ Conditioning (specs/related-methods.md section 3)::
         xi', xd' go on to the next fusion block.
 
 ``fusion_residual``: ``'normed'`` (default, the released code: the first residual adds to the
-*normalised* x) or ``'input'`` (the usual pre-norm residual on the un-normalised x). The paper
+*normalised* x) or ``'input'`` (the usual pre-norm residual on the un-normalised x).
+
+What the conditioning can carry: in the paper's block (and the released code) xi' and xd' are
+attention *outputs over x*, i.e. weighted means of projected image tokens; the embeddings only
+choose the weights, their values never reach x. At initialisation (near-uniform attention) the
+output hardly depends on them at all. ``fusion_query_residual: true`` (not in the paper) keeps
+them: xi' = LN(xi) + CrossAttn(q=LN(xi), kv=x) (and so xd'), so the keys and values x attends
+to hold the conditioning itself (docs/deplsr.md measures both). The paper
 configuration (DAT paper size + 6 fusion blocks, 6 heads, MLP ratio 1, attention ratio 1, qkv
 bias) has 18,061,131 parameters (tests/test_dat_arch.py counts it on the meta device).
 """
@@ -58,8 +65,9 @@ class FusionBlock(nn.Module):
     (module doc). Returns ``(x [B, L, C], xi' [B, Ni, C], xd' [B, Nd, C])``."""
 
     def __init__(self, dim: int, num_heads: int = 6, mlp_ratio: float = 1.0, attn_ratio: float = 1.0,
-                 qkv_bias: bool = True, residual: str = 'normed'):
+                 qkv_bias: bool = True, residual: str = 'normed', query_residual: bool = False):
         super().__init__()
+        self.query_residual = bool(query_residual)
         if residual not in ('normed', 'input'):
             raise ValueError(f"fusion_residual must be 'normed' or 'input', got {residual!r}")
         self.residual = residual
@@ -82,8 +90,10 @@ class FusionBlock(nn.Module):
     def forward(self, x: torch.Tensor, xi: torch.Tensor, xd: torch.Tensor):
         B, L, C = x.shape
         xn, xi, xd = self.norm_x(x), self.norm_xi(xi), self.norm_xd(xd)
-        xi = self.attn_i(xi, xn)
-        xd = self.attn_d(xd, xn)
+        if self.query_residual:
+            xi, xd = xi + self.attn_i(xi, xn), xd + self.attn_d(xd, xn)
+        else:
+            xi, xd = self.attn_i(xi, xn), self.attn_d(xd, xn)
         ni, nd = xi.shape[1], xd.shape[1]
         xid = torch.cat([xi.unsqueeze(2).expand(B, ni, nd, C), xd.unsqueeze(1).expand(B, ni, nd, C)], -1)
         xid = xid.reshape(B, ni * nd, 2 * C)
@@ -105,7 +115,7 @@ class RealDAT(DAT):
 
     Args (besides DAT's): ``cond_dim`` D of the SRCLIP embeddings (512 for ViT-B/32);
     ``fusion_layers``: ``'all'``, ``'none'`` or a list of group indices; ``fusion_num_heads``,
-    ``fusion_mlp_ratio``, ``fusion_attn_ratio``, ``fusion_residual`` (module doc);
+    ``fusion_mlp_ratio``, ``fusion_attn_ratio``, ``fusion_residual``, ``fusion_query_residual`` (module doc);
     ``cond_standardize`` (default False, the paper): standardise every dimension of xi and of
     each of the ``cond_tokens`` xd embeddings over the data before the adapter (BatchNorm without
     affine: batch statistics in training; in eval the cumulative mean / variance over every
@@ -118,7 +128,7 @@ class RealDAT(DAT):
     def __init__(self, cond_dim: int = 512, fusion_layers: Union[str, Sequence[int]] = 'all',
                  fusion_num_heads: int = 6, fusion_mlp_ratio: float = 1.0, fusion_attn_ratio: float = 1.0,
                  fusion_residual: str = 'normed', cond_standardize: bool = False, cond_tokens: int = 5,
-                 **dat_kwargs):
+                 fusion_query_residual: bool = False, **dat_kwargs):
         super().__init__(**dat_kwargs)
         n = len(self.layers)
         if fusion_layers == 'all':
@@ -132,10 +142,13 @@ class RealDAT(DAT):
         self.config.update(cond_dim=int(cond_dim), fusion_layers=layers, fusion_num_heads=int(fusion_num_heads),
                            fusion_mlp_ratio=float(fusion_mlp_ratio), fusion_attn_ratio=float(fusion_attn_ratio),
                            fusion_residual=str(fusion_residual))
+        if fusion_query_residual:  # only then in the config: older exports load unchanged
+            self.config.update(fusion_query_residual=True)
         C = self.embed_dim
         self.fusion_index = {g: j for j, g in enumerate(layers)}
         self.fusion_blocks = nn.ModuleList([FusionBlock(C, fusion_num_heads, fusion_mlp_ratio, fusion_attn_ratio,
-                                                        True, fusion_residual) for _ in layers])
+                                                        True, fusion_residual, bool(fusion_query_residual))
+                                            for _ in layers])
         self.adapt = nn.Sequential(nn.Linear(cond_dim, C), nn.ReLU(), nn.Linear(C, C), nn.ReLU())
         if cond_standardize:  # only then in config and state dict: older exports load unchanged
             self.config.update(cond_standardize=True, cond_tokens=int(cond_tokens))

@@ -9,7 +9,10 @@ served from memory; without it every item is degraded when it is read (``num_sam
 
 * :class:`DegradedPairDataset` (RealDAT): Real-ESRGAN degradation of our pipeline
   (``degradation:`` = kwargs of :class:`~dalpsr.data.degradations.RealESRGANDegradation`).
-  Items ``{'gt': [3, G, G], 'lq': [3, G/s, G/s]}`` float32 in [0, 1], ``'key'``.
+  Items ``{'gt': [3, G, G], 'lq': [3, G/s, G/s]}`` float32 in [0, 1], ``'key'``; with
+  ``degrees: true`` also ``'degrees'`` float32 [4]: the degree in [0, 1] of each type of
+  :data:`~dalpsr.data.prompt_labels.DEGREE_TYPES` (blur, noise, jpeg, resize) from the recorded
+  parameters, for the known-degradation upper bound (``RealDATModel`` ``conditioning: oracle``).
 * :class:`SRCLIPCaptionDataset` (SRCLIP): DePLSR's pipeline
   (``degradation:`` = kwargs of :class:`~dalpsr.data.deplsr_degradation.DePLSRDegradation`).
   Items ``{'lq': [3, s, s], 'caption': str, 'degradation': str, 'fine': [5 str], 'values':
@@ -142,14 +145,16 @@ class DegradedPairDataset(_DegradedSet):
     Args: ``hr`` (folder, file list, 'sample:train'), ``gt_size`` (HR crop, multiple of the scale),
     ``num_samples``, ``seed``, ``degradation`` (RealESRGANDegradation kwargs, e.g. ``scale``),
     ``cache_file`` (optional ``.npz``), ``augment`` (flip/rot90 of each read, same for GT and LR),
-    ``workers`` (processes that build the cache; the result does not depend on it).
+    ``workers`` (processes that build the cache; the result does not depend on it), ``degrees``
+    (also serve each pair's degradation degrees, module doc).
     """
 
     KIND = 'deplsr-pairs'
 
     def __init__(self, hr: Any = 'sample:train', gt_size: int = 128, num_samples: int = 1000, seed: int = 0,
                  degradation: Optional[Dict[str, Any]] = None, cache_file: Optional[str] = None,
-                 augment: bool = True, workers: int = 1):
+                 augment: bool = True, workers: int = 1, degrees: bool = False):
+        self.with_degrees = bool(degrees)
         super().__init__(hr, gt_size, num_samples, seed, degradation, cache_file, augment, workers)
 
     def _make_degradation(self):
@@ -162,14 +167,28 @@ class DegradedPairDataset(_DegradedSet):
     def _sample(self, i: int) -> Dict[str, Any]:
         j, gt, rng = self._gt(i)
         out = self.deg(gt, rng)
-        return {'gt': _u8(out['gt']), 'lq': _u8(out['lq']),
-                'key': f'{os.path.splitext(os.path.basename(self.paths[j]))[0]}_{i:07d}'}
+        s = {'gt': _u8(out['gt']), 'lq': _u8(out['lq']),
+             'key': f'{os.path.splitext(os.path.basename(self.paths[j]))[0]}_{i:07d}'}
+        if self.with_degrees:
+            from dalpsr.data.prompt_labels import DEGREE_TYPES, degrees
+            d = degrees(out['params'])
+            s['degrees'] = np.asarray([d[t] for t in DEGREE_TYPES], dtype=np.float32)
+        return s
+
+    def _load_or_build(self, cache_file: str, workers: int) -> Dict[str, np.ndarray]:
+        if self.with_degrees:  # only then in the cache's options: caches built without it stay valid
+            self.meta['degrees'] = True
+        return super()._load_or_build(cache_file, workers)
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
+        import torch
         idx = int(i) % self.num_samples
         s = self._item_arrays(idx)
         code = self._aug_code(i)
-        return {'gt': _chw(_dihedral(s['gt'], code)), 'lq': _chw(_dihedral(s['lq'], code)), 'key': str(s['key'])}
+        item = {'gt': _chw(_dihedral(s['gt'], code)), 'lq': _chw(_dihedral(s['lq'], code)), 'key': str(s['key'])}
+        if self.with_degrees:
+            item['degrees'] = torch.as_tensor(np.asarray(s['degrees'], dtype=np.float32))
+        return item
 
 
 @DATASET_REGISTRY.register()

@@ -6,7 +6,11 @@ SRCLIP encoder (``model.srclip``: an export folder of ``SRCLIPModel``): xi = con
 [B, 1, E], xd = fine embeddings [B, 5, E], computed without gradient from the LR itself
 (the paper model resizes it to 224 and CLIP-normalises it inside the encoder).
 ``conditioning: none`` trains the plain DAT of the same backbone configuration instead (the
-baseline row: no fusion blocks, no encoder). Optimiser and schedule come from ``train:`` (the
+baseline row: no fusion blocks, no encoder). ``conditioning: oracle`` is the known-degradation
+upper bound: the same RealDAT conditioned on the *true* degradation degrees of each pair
+(``DegradedPairDataset`` ``degrees: true``) through :func:`oracle_tokens` instead of an encoder; it
+measures what any degradation encoder could add at a given scale, and cannot restore images
+without recorded parameters (its export is refused by the restorer). Optimiser and schedule come from ``train:`` (the
 paper: Adam lr 2e-4, betas (0.9, 0.99), multistep). ``validate``: PSNR on Y (BasicSR's
 definition, ``crop_border``) of the val pairs, and of bicubic for reference.
 
@@ -17,6 +21,7 @@ export without its text tower, which inference never uses — when conditioned):
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Dict, Optional
 
@@ -26,13 +31,13 @@ import torch.nn.functional as F
 from dalpsr.models.base_model import BaseModel
 from dalpsr.utils.registry import MODEL_REGISTRY
 
-__all__ = ['RealDATModel', 'save_realdat', 'load_realdat', 'psnr_y', 'condition']
+__all__ = ['RealDATModel', 'save_realdat', 'load_realdat', 'psnr_y', 'condition', 'oracle_tokens']
 
 CONFIG_NAME = 'realdat.json'
 WEIGHTS_NAME = 'realdat.safetensors'
 FORMAT = 'dalpsr-realdat-1'
 _FUSION_KEYS = ('cond_dim', 'fusion_layers', 'fusion_num_heads', 'fusion_mlp_ratio', 'fusion_attn_ratio',
-                'fusion_residual', 'cond_standardize', 'cond_tokens')
+                'fusion_residual', 'cond_standardize', 'cond_tokens', 'fusion_query_residual')
 
 
 def psnr_y(sr: torch.Tensor, gt: torch.Tensor, crop_border: int = 0) -> torch.Tensor:
@@ -70,6 +75,33 @@ def condition(encoder, lq: torch.Tensor):
         return None, None
     emb = encoder.encode_image(lq.float())
     return emb['content'].unsqueeze(1), emb['fine']
+
+
+def oracle_tokens(degrees: torch.Tensor, dim: int):
+    """Fixed (not learned) conditioning tokens of true degradation degrees ``[B, T]`` in [0, 1]
+    -> (xi [B, 1, dim], xd [B, T, dim]).
+
+    xd token t = (sin, cos)(pi * 2^k * v_t) for k < F, then a one-hot of the type t (so the shared
+    adapter can tell the types apart), zero-padded to ``dim``; xi = the (sin, cos) features of all
+    T degrees side by side (F' frequencies each), zero-padded. Needs ``dim >= 2 + T``.
+    """
+    d = degrees.float()
+    if d.dim() != 2:
+        raise ValueError(f'oracle_tokens: degrees must be [B, T], got {tuple(d.shape)}')
+    B, T = d.shape
+    if dim < 2 + T:
+        raise ValueError(f'oracle_tokens: cond_dim {dim} is too small for {T} degree types (needs >= {2 + T})')
+
+    def fourier(v, n):  # v [..., 1] -> [..., 2n]
+        f = math.pi * (2.0 ** torch.arange(n, dtype=torch.float32, device=v.device))
+        return torch.cat([torch.sin(v * f), torch.cos(v * f)], -1)
+
+    fd = fourier(d.unsqueeze(-1), (dim - T) // 2)                               # [B, T, 2F]
+    onehot = torch.eye(T, device=d.device).expand(B, T, T)
+    xd = torch.cat([fd, onehot], -1)
+    xi = fourier(d.unsqueeze(-1), max(dim // (2 * T), 1)).reshape(B, 1, -1)   # [B, 1, <= dim]
+    pad = lambda x: F.pad(x, (0, dim - x.shape[-1]))  # noqa: E731
+    return pad(xi), pad(xd)
 
 
 def save_realdat(net, out_dir: str, srclip_dir: Optional[str] = None, extra: Optional[Dict[str, Any]] = None):
@@ -124,14 +156,16 @@ class RealDATModel(BaseModel):
         model:
           type: RealDATModel
           network: {type: RealDAT, upscale: 4, embed_dim: 180, depth: [6,6,6,6,6,6], ...}
-          conditioning: srclip      # or none: the plain DAT of the same backbone (baseline)
+          conditioning: srclip      # or none: the plain DAT of the same backbone (baseline);
+                                    # or oracle: the true degrees (known-degradation upper bound)
           srclip: experiments/srclip_cpu/export    # SRCLIP export folder (conditioning: srclip)
           pixel_loss: {type: L1Loss, loss_weight: 1.0}
           crop_border: 2            # PSNR-Y at validation
           train_crop: 0             # random aligned LR crop (px) of each training batch (0: as given)
           pretrained: null          # a RealDAT export folder to start from
 
-    Batch keys: ``lq`` [B, 3, h, w], ``gt`` [B, 3, h*s, w*s] in [0, 1].
+    Batch keys: ``lq`` [B, 3, h, w], ``gt`` [B, 3, h*s, w*s] in [0, 1] (``conditioning: oracle``:
+    also ``degrees`` [B, T] in [0, 1], from ``DegradedPairDataset`` ``degrees: true``).
     """
 
     KEYS = {'type', 'network', 'conditioning', 'srclip', 'pixel_loss', 'crop_border', 'train_crop', 'pretrained'}
@@ -144,8 +178,9 @@ class RealDATModel(BaseModel):
         src = opt.get('_source', 'the options')
         check_keys(mopt, self.KEYS, f'model block of {src}')
         self.conditioning = str(mopt.get('conditioning', 'srclip'))
-        if self.conditioning not in ('srclip', 'none'):
-            raise OptionError(f"model.conditioning in {src} must be 'srclip' or 'none', got {self.conditioning!r}")
+        if self.conditioning not in ('srclip', 'none', 'oracle'):
+            raise OptionError(f"model.conditioning in {src} must be 'srclip', 'none' or 'oracle', "
+                              f'got {self.conditioning!r}')
         self.encoder = None
         self.srclip_dir = None
         if self.conditioning == 'srclip':
@@ -158,7 +193,7 @@ class RealDATModel(BaseModel):
             if int(net_cfg.get('cond_dim', 512)) != self.encoder.embed_dim:
                 raise OptionError(f"model.network.cond_dim in {src} ({net_cfg.get('cond_dim', 512)}) differs from the "
                                   f'SRCLIP embedding size {self.encoder.embed_dim}')
-        self.net = build_sr_net(mopt.get('network'), self.conditioning == 'srclip')
+        self.net = build_sr_net(mopt.get('network'), self.conditioning != 'none')
         if mopt.get('pretrained'):
             src_net, _, _ = load_realdat(mopt['pretrained'])
             missing, unexpected = self.net.load_state_dict(src_net.state_dict(), strict=False)
@@ -175,7 +210,13 @@ class RealDATModel(BaseModel):
     def trainable_modules(self):
         return {'net': self.net}
 
-    def _sr(self, net, lq: torch.Tensor) -> torch.Tensor:
+    def _sr(self, net, lq: torch.Tensor, batch: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+        if self.conditioning == 'oracle':
+            if batch is None or 'degrees' not in batch:
+                raise KeyError("model.conditioning: oracle needs the true degrees in every batch: give the train "
+                               "and val datasets 'degrees: true' (DegradedPairDataset)")
+            xi, xd = oracle_tokens(batch['degrees'].to(lq.device), int(net.config['cond_dim']))
+            return net(lq, xi, xd)
         xi, xd = condition(self.encoder, lq)
         return net(lq, xi, xd) if xi is not None else net(lq)
 
@@ -196,7 +237,7 @@ class RealDATModel(BaseModel):
     def training_step(self, batch: Dict[str, Any], step: int) -> Dict[str, Any]:
         lq, gt = self._crop(batch['lq'], batch['gt'], step)
         lq, gt = lq.to(self.device), gt.to(self.device)
-        sr = self._sr(self.net, lq)
+        sr = self._sr(self.net, lq, batch)
         loss = self.pixel_loss(sr, gt)
         return {'loss': loss}
 
@@ -206,7 +247,7 @@ class RealDATModel(BaseModel):
         ps, pb = [], []
         for batch in loader:
             lq, gt = batch['lq'].to(self.device), batch['gt'].to(self.device)
-            sr = self._sr(net, lq).clamp(0, 1)
+            sr = self._sr(net, lq, batch).clamp(0, 1)
             bic = F.interpolate(lq, size=gt.shape[-2:], mode='bicubic', align_corners=False).clamp(0, 1)
             ps.append(psnr_y(sr, gt, self.crop_border))
             pb.append(psnr_y(bic, gt, self.crop_border))

@@ -57,6 +57,10 @@ class RealDATRestorer(Restorer):
             raise ValueError(f'RealDATRestorer: need tile >= 0 and 0 <= tile_overlap < tile, got {tile}, {tile_overlap}')
         self.device = torch.device(device)
         self.net, self.encoder, self.meta = load_realdat(self.weights, self.device)
+        if self.meta.get('conditioning') == 'oracle':
+            raise ValueError(f'{self.weights}: trained with conditioning: oracle (the true degradation degrees of '
+                             'each training pair), which an image to restore does not have; it is an upper bound '
+                             'measured at validation only')
         self.scale = int(self.net.config['upscale'])
 
     def describe(self) -> Dict[str, Any]:
