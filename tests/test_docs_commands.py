@@ -221,7 +221,8 @@ PARSE_ONLY: List[Tuple[str, str]] = [
     (r'^accelerate launch --multi_gpu --num_processes 4 dalpsr/train\.py -opt options/train/<config>', GPU),
     (r'^python dalpsr/train\.py -opt options/train/<config>\.yml', 'a template (<config>: any file of options/train/; '
                                                                   'checked with train_irpad_cpu)'),
-    (r'^python dalpsr/train\.py -opt options/train/train_deedsr_stage1_cpu\.yml', LONG + ' (DeeDSR stage 1 on photos)'),
+    (r'^python dalpsr/train\.py -opt options/train/train_deedsr_stage1(_supervised)?_cpu\.yml',
+     LONG + ' (DeeDSR stage 1 on photos)'),
     (r'^python scripts/probe_degradation_encoder\.py ',
      'needs the export of the DeeDSR stage-1 CPU recipe and photos '
      '(tests/test_probe_degradation_encoder.py runs it on a tiny learner)'),

@@ -6,7 +6,7 @@ import importlib
 
 from dalpsr.utils.registry import MODEL_REGISTRY
 
-_MODULES = ['irpad_model', 'caption_align_model', 'dalpsr_model', 'sspir_model', 'deedsr_moco_model', 'deedsr_model', 'srclip_model', 'realdat_model']
+_MODULES = ['irpad_model', 'caption_align_model', 'dalpsr_model', 'sspir_model', 'deedsr_moco_model', 'deedsr_supervised_model', 'deedsr_model', 'srclip_model', 'realdat_model']
 
 for _m in _MODULES:
     importlib.import_module(f'{__name__}.{_m}')
