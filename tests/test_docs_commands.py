@@ -228,6 +228,8 @@ PARSE_ONLY: List[Tuple[str, str]] = [
      '(tests/test_probe_degradation_encoder.py runs it on a tiny learner)'),
     (r'^python dalpsr/train\.py -opt options/train/train_(srclip|realdat|dat|realdat_oracle)_cpu\.yml',
      LONG + ' (DePLSR recipes)'),
+    (r'^python scripts/(restore_folder|iqa)\.py .*datasets/deplsr/val_testset_x4_sub22/',
+     'needs the DePLSR test set made by generate_lq.py from the val photos and a trained export'),
     (r'^python scripts/eval_realdat_pairs\.py ', 'needs the exports of the DePLSR CPU recipes and photos '
                                                  '(tests/test_realdat_oracle.py runs it on tiny exports)'),
     (r'^python scripts/realdat_conditioning_ablation\.py ',
