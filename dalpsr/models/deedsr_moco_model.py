@@ -90,6 +90,19 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+def build_learner(network: Dict[str, Any], src: str) -> DegradationResNet:
+    """The ``model.network`` block (type DegradationResNet, keys of :data:`NETWORK_KEYS`) as a
+    network; a bad key or value is an ``OptionError`` naming ``src``."""
+    net = dict(network or {})
+    check_keys(net, NETWORK_KEYS, f'model.network in {src}')
+    if net.pop('type', 'DegradationResNet') != 'DegradationResNet':
+        raise OptionError(f'model.network.type in {src} must be DegradationResNet')
+    try:
+        return DegradationResNet(**net)
+    except (TypeError, ValueError) as err:
+        raise OptionError(f'model.network in {src}: {err}') from None
+
+
 @MODEL_REGISTRY.register()
 class MoCoDegradationModel(BaseModel):
     """MoCo v2 on pairs of LR patches (module doc)."""
@@ -97,20 +110,13 @@ class MoCoDegradationModel(BaseModel):
     def __init__(self, opt: Dict[str, Any], accelerator=None):
         super().__init__(opt, accelerator)
         cfg, src = resolve_model_block(opt, DEFAULTS)
-        net = dict(cfg['network'] or {})
-        check_keys(net, NETWORK_KEYS, f'model.network in {src}')
-        if net.pop('type', 'DegradationResNet') != 'DegradationResNet':
-            raise OptionError(f'model.network.type in {src} must be DegradationResNet')
         self.cfg = cfg
         self.seed = int(opt.get('seed', opt.get('manual_seed', 0)))
         self.tau = float(cfg['temperature'])
         self.m = float(cfg['momentum'])
         if not (self.tau > 0 and 0 <= self.m < 1 and int(cfg['queue_size']) > 0 and int(cfg['head_dim']) > 0):
             raise OptionError(f'model in {src}: need temperature > 0, 0 <= momentum < 1, queue_size > 0, head_dim > 0')
-        try:
-            encoder = DegradationResNet(**net)
-        except (TypeError, ValueError) as err:
-            raise OptionError(f'model.network in {src}: {err}') from None
+        encoder = build_learner(cfg['network'], src)
         self.encoder_q = MoCoEncoder(encoder, int(cfg['head_dim'])).to(self.device)
         self.moco = MoCoState(self.encoder_q, int(cfg['queue_size']), int(cfg['head_dim'])).to(self.device)
         self.world = accelerator.num_processes if accelerator is not None else 1

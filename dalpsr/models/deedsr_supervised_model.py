@@ -28,7 +28,7 @@ from torch import nn
 
 from dalpsr.archs.deedsr_learner_arch import DegradationResNet, save_degradation_learner
 from dalpsr.models.base_model import BaseModel, resolve_model_block
-from dalpsr.utils.options import OptionError, check_keys
+from dalpsr.utils.options import OptionError
 from dalpsr.utils.registry import MODEL_REGISTRY
 
 DEFAULTS: Dict[str, Any] = {'network': {'type': 'DegradationResNet'}, 'num_types': 3, 'num_intervals': 4}
@@ -51,20 +51,12 @@ class SupervisedDegradationModel(BaseModel):
 
     def __init__(self, opt: Dict[str, Any], accelerator=None):
         super().__init__(opt, accelerator)
-        from dalpsr.models.deedsr_moco_model import NETWORK_KEYS
+        from dalpsr.models.deedsr_moco_model import build_learner
         cfg, src = resolve_model_block(opt, DEFAULTS)
-        net = dict(cfg['network'] or {})
-        check_keys(net, NETWORK_KEYS, f'model.network in {src}')
-        if net.pop('type', 'DegradationResNet') != 'DegradationResNet':
-            raise OptionError(f'model.network.type in {src} must be DegradationResNet')
         t, k = int(cfg['num_types']), int(cfg['num_intervals'])
         if t < 1 or k < 2:
             raise OptionError(f'model in {src}: need num_types >= 1 and num_intervals >= 2, got {t}, {k}')
-        try:
-            encoder = DegradationResNet(**net)
-        except (TypeError, ValueError) as err:
-            raise OptionError(f'model.network in {src}: {err}') from None
-        self.net = _Classifier(encoder, t, k).to(self.device)
+        self.net = _Classifier(build_learner(cfg['network'], src), t, k).to(self.device)
 
     def trainable_modules(self) -> Dict[str, nn.Module]:
         return {'net': self.net}
