@@ -40,24 +40,18 @@ def score(models, dataset, crop_border: int = 2, batch_size: int = 32):
     """{name: PSNR-Y per pair [N]} for each export (plus 'bicubic')."""
     import torch
     import torch.nn.functional as F
-    from dalpsr.models.realdat_model import condition, load_realdat, oracle_tokens, psnr_y
+    from dalpsr.models.realdat_model import load_realdat, psnr_y, super_resolve
     loaded = {name: load_realdat(path) for name, path in models.items()}
     res = {name: [] for name in ['bicubic', *models]}
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         lq, gt = torch.stack([it['lq'] for it in items]), torch.stack([it['gt'] for it in items])
+        degrees = torch.stack([it['degrees'] for it in items]) if 'degrees' in items[0] else None
         bic = F.interpolate(lq, size=gt.shape[-2:], mode='bicubic', align_corners=False)
         res['bicubic'].append(psnr_y(bic.clamp(0, 1), gt, crop_border))
         for name, (net, enc, meta) in loaded.items():
             with torch.no_grad():
-                if meta.get('conditioning') == 'oracle':
-                    if 'degrees' not in items[0]:
-                        raise ValueError(f"{name} was trained with conditioning: oracle: give the val block "
-                                         "'degrees: true'")
-                    xi, xd = oracle_tokens(torch.stack([it['degrees'] for it in items]), net.config['cond_dim'])
-                else:
-                    xi, xd = condition(enc, lq)
-                sr = net(lq, xi, xd) if xi is not None else net(lq)
+                sr = super_resolve(net, lq, meta.get('conditioning', 'srclip'), enc, degrees)
             res[name].append(psnr_y(sr.clamp(0, 1), gt, crop_border))
     return {k: torch.cat(v) for k, v in res.items()}
 
@@ -85,6 +79,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     import torch
     from dalpsr.data import build_dataset
+    from dalpsr.utils.img_io import ImageReadError
     from dalpsr.utils.misc import atomic_write_json
     from dalpsr.utils.options import get_opt, load_options
     torch.set_num_threads(max(1, args.threads))
@@ -98,8 +93,8 @@ def main(argv=None):
         val.pop('batch_size', None)
         dataset = build_dataset(val, where=f'datasets.val of {args.opt}')
         psnr = score(models, dataset, args.crop_border)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f'error: {err}', file=sys.stderr)
+    except (FileNotFoundError, ValueError, KeyError, ImageReadError) as err:
+        print(f'error: {err.args[0] if isinstance(err, KeyError) and err.args else err}', file=sys.stderr)
         return 2
     res = summarise(psnr, next(iter(models)))
     res.update(opt=args.opt, overrides=args.set, models=models, crop_border=args.crop_border)

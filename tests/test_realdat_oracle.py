@@ -146,4 +146,8 @@ def test_eval_realdat_pairs_script(tmp_path):
     assert ev.main(['--opt', str(opt_file), '--models', f'dat={plain}', 'oracle', '--out', str(out)]) == 2
     assert ev.main(['--opt', str(opt_file), '--models', f'dat={tmp_path / "none"}']) == 2
     assert ev.main(['--opt', str(opt_file), '--set', 'datasets.val.degrees=false', '--models', f'o={oracle}']) == 2
+    broken = tmp_path / 'broken'
+    broken.mkdir()
+    (broken / 'x.png').write_bytes(b'not a png')
+    assert ev.main(['--opt', str(opt_file), '--set', f'datasets.val.hr={broken}', '--models', f'dat={plain}']) == 2
     assert not out.exists()

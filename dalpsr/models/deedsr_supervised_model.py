@@ -28,6 +28,7 @@ from torch import nn
 
 from dalpsr.archs.deedsr_learner_arch import DegradationResNet, save_degradation_learner
 from dalpsr.models.base_model import BaseModel, resolve_model_block
+from dalpsr.models.deedsr_moco_model import build_learner
 from dalpsr.utils.options import OptionError
 from dalpsr.utils.registry import MODEL_REGISTRY
 
@@ -51,7 +52,6 @@ class SupervisedDegradationModel(BaseModel):
 
     def __init__(self, opt: Dict[str, Any], accelerator=None):
         super().__init__(opt, accelerator)
-        from dalpsr.models.deedsr_moco_model import build_learner
         cfg, src = resolve_model_block(opt, DEFAULTS)
         t, k = int(cfg['num_types']), int(cfg['num_intervals'])
         if t < 1 or k < 2:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from dalpsr.models.base_model import BaseModel
 from dalpsr.utils.registry import MODEL_REGISTRY
 
-__all__ = ['RealDATModel', 'save_realdat', 'load_realdat', 'psnr_y', 'condition', 'oracle_tokens']
+__all__ = ['RealDATModel', 'save_realdat', 'load_realdat', 'psnr_y', 'condition', 'oracle_tokens', 'super_resolve']
 
 CONFIG_NAME = 'realdat.json'
 WEIGHTS_NAME = 'realdat.safetensors'
@@ -102,6 +102,20 @@ def oracle_tokens(degrees: torch.Tensor, dim: int):
     xi = fourier(d.unsqueeze(-1), max(dim // (2 * T), 1)).reshape(B, 1, -1)   # [B, 1, <= dim]
     pad = lambda x: F.pad(x, (0, dim - x.shape[-1]))  # noqa: E731
     return pad(xi), pad(xd)
+
+
+def super_resolve(net, lq: torch.Tensor, conditioning: str, encoder=None, degrees: Optional[torch.Tensor] = None):
+    """SR of ``lq`` [B, 3, h, w] by ``net`` as it was trained: a plain DAT on the LR
+    (``conditioning: none``), RealDAT on the SRCLIP embeddings of the LR (``srclip``, ``encoder``) or
+    on the true ``degrees`` [B, T] of each pair (``oracle``; a missing ``degrees`` is a KeyError
+    naming the dataset option)."""
+    if conditioning == 'oracle':
+        if degrees is None:
+            raise KeyError("conditioning: oracle needs the true degrees of every pair: give the datasets "
+                           "'degrees: true' (DegradedPairDataset)")
+        return net(lq, *oracle_tokens(degrees.to(lq.device), int(net.config['cond_dim'])))
+    xi, xd = condition(encoder, lq)
+    return net(lq, xi, xd) if xi is not None else net(lq)
 
 
 def save_realdat(net, out_dir: str, srclip_dir: Optional[str] = None, extra: Optional[Dict[str, Any]] = None):
@@ -210,15 +224,8 @@ class RealDATModel(BaseModel):
     def trainable_modules(self):
         return {'net': self.net}
 
-    def _sr(self, net, lq: torch.Tensor, batch: Optional[Dict[str, Any]] = None) -> torch.Tensor:
-        if self.conditioning == 'oracle':
-            if batch is None or 'degrees' not in batch:
-                raise KeyError("model.conditioning: oracle needs the true degrees in every batch: give the train "
-                               "and val datasets 'degrees: true' (DegradedPairDataset)")
-            xi, xd = oracle_tokens(batch['degrees'].to(lq.device), int(net.config['cond_dim']))
-            return net(lq, xi, xd)
-        xi, xd = condition(self.encoder, lq)
-        return net(lq, xi, xd) if xi is not None else net(lq)
+    def _sr(self, net, lq: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+        return super_resolve(net, lq, self.conditioning, self.encoder, batch.get('degrees'))
 
     def _crop(self, lq: torch.Tensor, gt: torch.Tensor, step: int):
         """Random aligned crop of ``train_crop`` LR px per image, drawn from (seed, step) only."""
