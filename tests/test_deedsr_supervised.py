@@ -30,6 +30,7 @@ def test_labels_follow_their_patches():
     """A toy where type 0's label is the patch brightness: the classifier learns it only if every
     patch is scored against the labels of its own LR."""
     from dalpsr.models.deedsr_supervised_model import SupervisedDegradationModel
+    torch.manual_seed(0)   # the network's init: independent of the tests run before
     m = SupervisedDegradationModel({'model': {'type': 'SupervisedDegradationModel', 'network': dict(TINY_NET),
                                               'num_types': 2, 'num_intervals': 4}, 'seed': 0})
     opt = torch.optim.Adam(m.net.parameters(), lr=1e-2)
@@ -41,7 +42,7 @@ def test_labels_follow_their_patches():
         patches = level.view(n, 1, 1, 1, 1) + 0.02 * torch.randn(n, 4, 3, 8, 8, generator=g)
         return {'patches': patches, 'labels': y}
 
-    for step in range(60):
+    for step in range(200):
         loss = m.training_step(batch(), step)['loss']
         opt.zero_grad()
         loss.backward()
